@@ -1,0 +1,1 @@
+"""Instrument modules: every camera fact lives behind one module per camera (DECam first)."""
