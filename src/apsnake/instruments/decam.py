@@ -49,6 +49,9 @@ CROSSTALK_MIN_PIXEL_TO_MASK = 45000.0
 OBSERVATORY_LONGITUDE_DEG = -70.81489
 OBSERVATORY_LATITUDE_DEG = -30.16606
 OBSERVATORY_ELEVATION_M = 2215.0
+#: Header TELESCOP / OBSERVAT values of raw files.
+TELESCOPE_NAME = "CTIO 4.0-m telescope"
+OBSERVATORY_NAME = "CTIO"
 
 #: |CD| of the nominal SISPI raw TPV WCS and of CP products, deg/pixel (DECAM_FORMAT.md 2.7);
 #: the raw orientation is +Y = East, +X = South: CD1_2 = +RAW_WCS_CD_DEG, CD2_1 = -RAW_WCS_CD_DEG.
@@ -601,6 +604,17 @@ def translate_header(header):
         observatory_elevation=float(header.get("OBS-ELEV", OBSERVATORY_ELEVATION_M)),
         object_name=str(header.get("OBJECT", "")),
     )
+
+
+def archive_filename(date_obs_utc: str, code: str = "ori", suffix: str = ".fits.fz") -> str:
+    """NOIRLab archive name ``c4d_YYMMDD_HHMMSS_<code>`` from the UT start (ISO ``DATE-OBS``)."""
+    d = str(date_obs_utc).strip()
+    return f"c4d_{d[2:4]}{d[5:7]}{d[8:10]}_{d[11:13]}{d[14:16]}{d[17:19]}_{code}{suffix}"
+
+
+def sispi_filename(expnum: int) -> str:
+    """SISPI's original raw file name (header ``FILENAME``): ``DECam_%08d.fits``."""
+    return f"DECam_{int(expnum):08d}.fits"
 
 
 def detector_exposure_id(visit: int, ccdnum: int) -> int:

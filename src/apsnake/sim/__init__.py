@@ -1,0 +1,14 @@
+"""Simulated DECam nights in the real raw format, with calibrations, a reference catalogue
+and truth tables (``apsnake simulate OUTDIR --preset demo|test --seed N``).
+
+Modules: :mod:`~apsnake.sim.presets` (what is observed), :mod:`~apsnake.sim.observing`
+(conditions and WCS of each visit), :mod:`~apsnake.sim.sky` (stars, galaxies, time-domain
+objects, refcat), :mod:`~apsnake.sim.render` (PSF and stamps), :mod:`~apsnake.sim.signature`
+(bias, flat, defects, cosmic rays, saturation, crosstalk), :mod:`~apsnake.sim.writer`
+(FITS output) and :mod:`~apsnake.sim.night` (the driver).
+"""
+
+from apsnake.sim.night import simulate_night
+from apsnake.sim.presets import PRESETS, Preset, VisitSpec
+
+__all__ = ["PRESETS", "Preset", "VisitSpec", "simulate_night"]

@@ -1,0 +1,142 @@
+"""Simulation presets: which CCDs, visits, field and how many time-domain objects.
+
+A preset fixes everything that is not random: the observing plan (EXPNUMs, UT start
+times, band, exposure time), the simulated CCDs and the field. The seed given to
+:func:`apsnake.sim.simulate_night` draws the rest (seeing, sky, pointing errors, sky
+objects, instrument noise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+
+@dataclass(frozen=True)
+class VisitSpec:
+    """One planned exposure.
+
+    Attributes
+    ----------
+    expnum : int
+        DECam exposure number (= visit id).
+    start_utc : str
+        UT start of the exposure, ISO format (``DATE-OBS``).
+    is_template : bool
+        True for the good-seeing template visits of the earlier night.
+    """
+
+    expnum: int
+    start_utc: str
+    is_template: bool
+
+    @property
+    def night(self) -> str:
+        """Calibration night of this visit as ``YYMMDD`` (the UT date of the start)."""
+        return datetime.fromisoformat(self.start_utc).strftime("%y%m%d")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A simulated DECam night.
+
+    Attributes
+    ----------
+    name : str
+        Preset name (``demo`` or ``test``).
+    ccds : tuple of int
+        Simulated CCDNUMs.
+    band : str
+        Band of every visit (``g``).
+    exptime : float
+        Exposure time of every visit, s.
+    visits : tuple of VisitSpec
+        Template visits first, then science visits, in time order.
+    field_ra, field_dec : float
+        Nominal telescope pointing (boresight, ICRS deg) around which visits are dithered.
+    seed : int
+        Default seed.
+    n_transients, n_variables, n_asteroids : int
+        Time-domain objects placed so that each lands on a simulated CCD in every science visit.
+    n_bright_stars : int
+        Extra bright (saturating) stars placed where every science visit sees them.
+    star_density_deg2 : float
+        Stars per deg^2 brighter than g = 24 (high galactic latitude).
+    galaxy_density_deg2 : float
+        Galaxies per deg^2 brighter than g = 24.
+    galaxy_mag_limit : float
+        Faintest simulated galaxy, g mag (AB).
+    star_mag_limit : float
+        Faintest simulated star, g mag (AB).
+    dither_radius_deg : tuple of float
+        Range of the distance of each visit's pointing from the field centre, deg.
+    pointing_error_arcsec : float
+        RMS per axis of the true-minus-header pointing error, arcsec.
+    template_fwhm_arcsec, science_fwhm_arcsec : tuple of float
+        Ranges of the visit seeing (FWHM), arcsec.
+    refcat_mag_limit : float
+        Faintest reference-catalogue star, r mag (about Gaia depth).
+    object_name, propid : str
+        ``OBJECT`` and ``PROPID`` header values.
+    """
+
+    name: str
+    ccds: tuple[int, ...]
+    band: str
+    exptime: float
+    visits: tuple[VisitSpec, ...]
+    field_ra: float = 150.1
+    field_dec: float = 2.2
+    seed: int = 1
+    n_transients: int = 18
+    n_variables: int = 18
+    n_asteroids: int = 4
+    n_bright_stars: int = 4
+    star_density_deg2: float = 15000.0
+    galaxy_density_deg2: float = 25000.0
+    galaxy_mag_limit: float = 25.0
+    star_mag_limit: float = 24.5
+    dither_radius_deg: tuple[float, float] = (0.035, 0.075)
+    pointing_error_arcsec: float = 2.5
+    template_fwhm_arcsec: tuple[float, float] = (0.8, 1.0)
+    science_fwhm_arcsec: tuple[float, float] = (1.0, 1.6)
+    refcat_mag_limit: float = 21.0
+    object_name: str = "COSMOS sim"
+    propid: str = "2015A-0000"
+    refcat_bands: tuple[str, ...] = field(default=("g", "r", "i"))
+
+    @property
+    def templates(self) -> tuple[VisitSpec, ...]:
+        return tuple(v for v in self.visits if v.is_template)
+
+    @property
+    def science(self) -> tuple[VisitSpec, ...]:
+        return tuple(v for v in self.visits if not v.is_template)
+
+
+def _plan(expnums, first_start: str, spacing_s: float, is_template: bool) -> tuple[VisitSpec, ...]:
+    """Visits starting at ``first_start`` every ``spacing_s`` seconds (microsecond ISO times)."""
+    t0 = datetime.fromisoformat(first_start)
+    return tuple(
+        VisitSpec(int(e), (t0 + timedelta(seconds=spacing_s * i)).isoformat(timespec="microseconds"), is_template)
+        for i, e in enumerate(expnums)
+    )
+
+
+# Templates: three consecutive exposures near transit on 2015-02-17; science: a HiTS-like
+# 20-minute cadence on 2015-03-17 so that asteroids move and fast transients evolve.
+_DEMO_TEMPLATES = _plan((411371, 411372, 411373), "2015-02-17T04:31:07.254311", 121.3, True)
+_DEMO_SCIENCE = _plan(range(419802, 419807), "2015-03-17T02:12:43.681522", 1201.7, False)
+
+PRESETS: dict[str, Preset] = {
+    "demo": Preset(
+        name="demo", ccds=(25, 32), band="g", exptime=90.0,
+        visits=_DEMO_TEMPLATES + _DEMO_SCIENCE,
+        n_transients=18, n_variables=18, n_asteroids=4, n_bright_stars=4,
+    ),
+    "test": Preset(
+        name="test", ccds=(25, 32), band="g", exptime=90.0,
+        visits=_DEMO_TEMPLATES[:2] + _DEMO_SCIENCE[:2],
+        n_transients=10, n_variables=10, n_asteroids=3, n_bright_stars=4,
+    ),
+}
