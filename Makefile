@@ -1,0 +1,33 @@
+# The README's two commands: `make demo` and `make test`.
+# Both create a local virtual environment (.venv) with the package installed, on a
+# machine that has only Python >= 3.11 and pip.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.apsnake-installed
+CORES ?= all
+
+.PHONY: demo test venv clean dry-run
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "apsnake needs Python >= 3.11, found " + sys.version.split()[0])'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+demo: $(STAMP)
+	$(BIN)/snakemake --profile profiles/local --cores $(CORES)
+	@$(BIN)/apsnake registry out/registry
+
+dry-run: $(STAMP)
+	$(BIN)/snakemake --profile profiles/local -n
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf out data .snakemake

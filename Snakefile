@@ -1,0 +1,30 @@
+# apsnake: DECam alert production (Rubin ap_pipe) as a Snakemake workflow.
+#
+#   raw DECam exposures --ingest--> registry (exposures, calibs, rejected)
+#   later stages: --isr--> postISR --calibrate--> calexp --diffim--> diffexp, diaSrc
+#                 --associate--> APDB fragments + apdb_marker
+#
+# Read ../shared/design/ARCHITECTURE.md for data IDs, products and DAG ordering.
+
+from snakemake.utils import min_version, validate
+
+min_version("9.27")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/simulate.smk"
+include: "rules/ingest.smk"
+include: "rules/isr.smk"
+
+
+rule all:
+    input:
+        REGISTRY.values(),
+        lambda wildcards: expand_data_ids(product("postISR")),
+    localrule: True

@@ -1,0 +1,77 @@
+# Shared helpers: paths, wildcard constraints, and the registry-driven target lists.
+# Rules never open FITS files to build the DAG: they read the Parquet registry that the
+# `ingest` checkpoint writes.
+
+import os
+import sys
+
+from apsnake.registry import find_input_files, read_table, select_data_ids
+
+OUT = config["outdir"]
+SIMULATE = config.get("simulate")
+if SIMULATE and not os.path.abspath(config["raw"]).startswith(
+    os.path.abspath(SIMULATE["outdir"]) + os.sep
+):
+    # A user config that points `raw` at real data but inherits the default `simulate`
+    # block must not simulate anything.
+    print(
+        f"apsnake: raw={config['raw']} is outside simulate.outdir={SIMULATE['outdir']}: "
+        "not simulating (set `simulate: null` to silence this)",
+        file=sys.stderr,
+    )
+    SIMULATE = None
+REGISTRY = {
+    name: f"{OUT}/registry/{name}.parquet" for name in ("exposures", "calibs", "rejected")
+}
+
+
+wildcard_constraints:
+    visit=r"\d+",
+    detector=r"\d+",
+
+
+def logs(name):
+    return f"{OUT}/logs/{name}.log"
+
+
+def bench(name):
+    return f"{OUT}/benchmarks/{name}.tsv"
+
+
+def registered_exposures():
+    """The exposures table; waits for the ingest checkpoint."""
+    return read_table(checkpoints.ingest.get().output.exposures)
+
+
+def science_data_ids():
+    """(visit, detector) pairs selected by the `visits` and `detectors` config keys."""
+    return select_data_ids(
+        registered_exposures(), visits=config["visits"], detectors=config["detectors"]
+    )
+
+
+def exposure_row(wildcards):
+    """The registry row of one data ID (visit, detector)."""
+    table = registered_exposures()
+    rows = table[
+        (table["visit"] == int(wildcards.visit))
+        & (table["detector"] == int(wildcards.detector))
+    ]
+    if rows.empty:
+        raise ValueError(
+            f"data ID (visit={wildcards.visit}, detector={wildcards.detector}) is not in "
+            f"{REGISTRY['exposures']}"
+        )
+    return rows.iloc[0]
+
+
+def product(name, ext="fits"):
+    """Path pattern of a per-data-ID product (ARCHITECTURE.md section 3)."""
+    return f"{OUT}/{name}/{{visit}}/{name}_{{visit}}_{{detector}}.{ext}"
+
+
+def expand_data_ids(pattern):
+    """Every selected data ID's file for a product pattern, detector zero-padded."""
+    return [
+        pattern.format(visit=v, detector=f"{d:02d}") for v, d in science_data_ids()
+    ]

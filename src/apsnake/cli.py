@@ -1,0 +1,75 @@
+"""The ``apsnake`` command: simulate a night, ingest headers, summarise a registry."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _simulate(args) -> int:
+    from apsnake.logs import workflow_step
+    from apsnake.sim import simulate_night
+
+    with workflow_step("simulate", None, f"preset={args.preset}"):
+        summary = simulate_night(args.outdir, preset=args.preset, seed=args.seed)
+    print(f"simulated {summary.get('n_visits', '?')} visits into {args.outdir}")
+    return 0
+
+
+def _ingest(args) -> int:
+    from apsnake.logs import workflow_step
+    from apsnake.registry import registry_paths, run_ingest
+
+    with workflow_step("ingest", None):
+        run_ingest(args.raw, args.calibs, registry_paths(args.registry))
+    return _show(argparse.Namespace(registry=args.registry))
+
+
+def _show(args) -> int:
+    from apsnake.registry import read_table, registry_paths
+
+    paths = registry_paths(args.registry)
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        print(f"no registry at {args.registry} (missing {', '.join(missing)})", file=sys.stderr)
+        return 1
+    exposures, calibs, rejected = (read_table(paths[n]) for n in ("exposures", "calibs", "rejected"))
+    print(f"registry: {Path(args.registry).resolve()}")
+    for obstype, table in exposures.groupby("observation_type"):
+        print(f"  {obstype}: {table['visit'].nunique()} visits, {len(table)} data IDs, "
+              f"bands {sorted(table['band'].unique())}, detectors {sorted(table['detector'].unique().tolist())}")
+    for kind, table in calibs.groupby("calib_type"):
+        print(f"  {kind}: {table['path'].nunique()} files, {len(table)} CCDs")
+    print(f"  rejected: {len(rejected)} files")
+    for row in rejected.itertuples():
+        print(f"    {row.path}: {row.reason}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="apsnake", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="simulate a DECam night in the real raw format")
+    p.add_argument("outdir", type=Path)
+    p.add_argument("--preset", default="demo", choices=["demo", "test"])
+    p.add_argument("--seed", type=int, default=1)
+    p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("ingest", help="read raw and calibration headers into a registry")
+    p.add_argument("--raw", required=True, help="folder or glob of raw files")
+    p.add_argument("--calibs", required=True, help="folder of master calibrations")
+    p.add_argument("--registry", required=True, type=Path, help="output folder for the Parquet tables")
+    p.set_defaults(func=_ingest)
+
+    p = sub.add_parser("registry", help="summarise a registry folder")
+    p.add_argument("registry", type=Path)
+    p.set_defaults(func=_show)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
