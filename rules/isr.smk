@@ -1,0 +1,55 @@
+# ISR: raw CCD + bias + flat (+ BPM, + crosstalk sources in the same raw file) -> postISR.
+
+from apsnake.registry import CalibrationNotFound, select_calibrations
+
+
+def isr_calibrations(wildcards):
+    """Calibration choice for a data ID; a missing one becomes an error of that job only."""
+    try:
+        chosen = select_calibrations(
+            read_table(checkpoints.ingest.get().output.calibs), exposure_row(wildcards)
+        )
+    except CalibrationNotFound as err:
+        return {"error": str(err)}
+    out = {"error": ""}
+    for kind, value in chosen.items():
+        out[kind], out[f"{kind}_hdu"] = value if value else ("", -1)
+    return out
+
+
+def isr_inputs(wildcards):
+    inputs = {"raw": exposure_row(wildcards)["raw_path"]}
+    calibs = isr_calibrations(wildcards)
+    for kind in ("bias", "flat", "bpm"):
+        if calibs.get(kind):
+            inputs[kind] = calibs[kind]
+    return inputs
+
+
+rule isr:
+    input:
+        unpack(isr_inputs),
+    output:
+        exposure=product("postISR"),
+        metadata=product("postISR", "json"),
+    log:
+        f"{OUT}/logs/isr/{{visit}}/isr_{{visit}}_{{detector}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/isr/{{visit}}/isr_{{visit}}_{{detector}}.tsv"
+    params:
+        calibs=isr_calibrations,
+        options={
+            "linearity": config["isr"]["linearity"],
+            "crosstalk": config["isr"]["crosstalk"],
+            "saturation_source": config["isr"]["saturation_source"],
+            "num_edge_suspect": config["isr"]["num_edge_suspect"],
+            "crosstalk_min_pixel_to_mask": config["isr"]["crosstalk_min_pixel_to_mask"],
+        },
+    threads: 1
+    resources:
+        mem_mb=1500,
+        runtime=10,
+    conda:
+        "../envs/apsnake.yaml"
+    script:
+        "../scripts/isr.py"

@@ -1,0 +1,40 @@
+"""Snakemake adapter: ISR of one data ID (raw CCD + calibrations -> postISR Exposure)."""
+
+import json
+
+from apsnake import isr
+from apsnake.atomic import write_text
+from apsnake.exposure import write_exposure
+from apsnake.instruments import decam
+from apsnake.logs import workflow_step
+
+visit, detector = int(snakemake.wildcards.visit), int(snakemake.wildcards.detector)
+calibs = snakemake.params.calibs
+options = snakemake.params.options
+
+with workflow_step("isr", snakemake.log[0], f"visit={visit} detector={detector}"):
+    if calibs.get("error"):
+        raise isr.IsrInputError(calibs["error"])
+    raw = decam.read_raw_ccd(snakemake.input.raw, detector)
+    bias, _, _ = decam.read_master_calibration(snakemake.input.bias, detector, calibs["bias_hdu"])
+    flat, flat_primary, _ = decam.read_master_calibration(snakemake.input.flat, detector, calibs["flat_hdu"])
+    bpm = None
+    if snakemake.input.get("bpm"):
+        bpm, _, _ = decam.read_master_calibration(snakemake.input.bpm, detector, calibs["bpm_hdu"])
+    linearity = None
+    if options["linearity"]:
+        linearity = decam.read_linearity_table(options["linearity"], detector)
+    sources = decam.read_crosstalk_source_ccds(snakemake.input.raw, detector) if options["crosstalk"] else []
+    result = isr.run_isr(
+        raw, bias, flat, bpm, crosstalk_source_ccds=sources, linearity=linearity,
+        config=isr.IsrConfig(
+            do_crosstalk=options["crosstalk"],
+            saturation_source=options["saturation_source"],
+            num_edge_suspect=options["num_edge_suspect"],
+            crosstalk_min_pixel_to_mask=options["crosstalk_min_pixel_to_mask"],
+        ),
+        calib_paths={k: snakemake.input.get(k) for k in ("bias", "flat", "bpm") if snakemake.input.get(k)},
+        flat_band=decam.band_from_filter(str(flat_primary.get("FILTER", "")))[0],
+    )
+    write_exposure(result.exposure, snakemake.output.exposure)
+    write_text(json.dumps(result.metadata, indent=1), snakemake.output.metadata)

@@ -1,0 +1,103 @@
+"""ISR steps on small synthetic arrays, each against a hand-computed answer."""
+
+import numpy as np
+import pytest
+
+from apsnake import isr
+from apsnake.instruments import decam
+
+
+def test_overscan_per_row_with_masked_row_and_outliers(rng):
+    rows = 200
+    truth = 1500 + 5 * np.sin(np.arange(rows) / 7.0) + rng.normal(0, 2, rows)  # row structure
+    strip = truth[:, None] + rng.normal(0, 3.0, (rows, 50))
+    strip[10, 3] += 5000  # a cosmic ray in the overscan
+    strip[20, :5] += 200  # charge spilling from a saturated row
+    bad = np.zeros_like(strip, bool)
+    bad[50] = True  # a fully masked row takes the median of its +/-5 neighbours
+    strip[50] = 60000
+    level, noise = isr.fit_overscan_rows(strip, bad)
+    good = np.ones(rows, bool)
+    good[50] = False
+    assert np.abs(level[good] - truth[good]).max() < 2.0  # median of 50 px with sigma 3: ~0.5 ADU
+    assert abs(level[50] - np.median(truth[45:56])) < 4.0
+    assert abs(level[20] - truth[20]) < 2.0  # outliers clipped
+    assert noise == pytest.approx(3.0, rel=0.05)
+
+
+def test_crosstalk_mirroring_s_chip():
+    # S chip: A reads from UR, B from UL. A bright pixel in B at distance d from B's read-out
+    # (left) edge leaks into A at distance d from A's read-out (right) edge.
+    ccd = 25
+    shape = (8, 6)
+    a = np.zeros(shape, np.float32)
+    b = np.zeros(shape, np.float32)
+    b[2, 1] = 40000.0
+    victims = {(ccd, "A"): a, (ccd, "B"): b}
+    coeff = {(t.victim_amp, t.source_amp): t.coefficient for t in decam.crosstalk_sources(ccd) if t.source_ccd == ccd}
+    ghost = np.zeros(shape, np.float32)
+    ghost[2, -2] = coeff[("A", "B")] * 40000.0
+    observed_a = a + ghost
+    victims = {(ccd, "A"): observed_a.copy(), (ccd, "B"): b.copy()}
+    sources = {(ccd, "A"): observed_a.copy(), (ccd, "B"): b.copy()}
+    masks = isr.crosstalk_correct(victims, sources, decam.crosstalk_sources(ccd), min_pixel_to_mask=30000)
+    assert np.abs(victims[(ccd, "A")]).max() < 1e-3  # ghost removed exactly at the mirrored pixel
+    assert masks[(ccd, "A")][2, -2] and masks[(ccd, "A")].sum() == 1
+
+
+def test_crosstalk_mirroring_n_chip_and_inter_ccd():
+    # N chip 33 (N2): A reads from LL, B from LR -> x flip. Inter-CCD 34A <- 33A: same corner, no flip.
+    shape = (6, 5)
+    src_a = np.zeros(shape, np.float32)
+    src_a[1, 0] = 50000.0
+    terms = [t for t in decam.crosstalk_table()
+             if (t.victim_ccd, t.source_ccd, t.source_amp) in ((33, 33, "A"), (34, 33, "A"))]
+    assert {(t.victim_ccd, t.victim_amp) for t in terms} == {(33, "B"), (34, "A")}
+    c33b = next(t.coefficient for t in terms if t.victim_ccd == 33)
+    c34a = next(t.coefficient for t in terms if t.victim_ccd == 34)
+    v33b = np.zeros(shape, np.float32)
+    v33b[1, -1] = c33b * 50000
+    v34a = np.zeros(shape, np.float32)
+    v34a[1, 0] = c34a * 50000
+    victims = {(33, "B"): v33b, (34, "A"): v34a}
+    isr.crosstalk_correct(victims, {(33, "A"): src_a}, terms, 45000)
+    assert np.abs(v33b).max() < 1e-4 and np.abs(v34a).max() < 1e-4
+
+
+def test_widen_saturation_trails():
+    sat = np.zeros((4, 40), bool)
+    sat[0, 10:13] = True  # width 3: not grown
+    sat[1, 10:16] = True  # width 6: +1 each side
+    sat[2, 10:18] = True  # width 8: +3
+    sat[3, 10:22] = True  # width 12: +4
+    out = isr.widen_saturation_trails(sat)
+    assert out[0].sum() == 3
+    assert out[1, 9] and out[1, 16] and out[1].sum() == 8
+    assert out[2].sum() == 14 and out[2, 7] and not out[2, 6]
+    assert out[3].sum() == 20 and out[3, 6] and out[3, 25] and not out[3, 26]
+
+
+def test_interpolate_rows():
+    image = np.tile(np.arange(10, dtype=np.float32) * 2.0, (3, 1))
+    bad = np.zeros_like(image, bool)
+    bad[0, 3:6] = True  # interior run: linear between columns 2 and 6
+    bad[1, :2] = True  # edge run: nearest good neighbour
+    bad[2, :] = True  # whole row: fallback
+    out = isr.interpolate_rows(image, bad, fallback=-1.0)
+    np.testing.assert_allclose(out[0], image[0])
+    np.testing.assert_allclose(out[1, :2], [4.0, 4.0])
+    np.testing.assert_allclose(out[2], -1.0)
+
+
+def test_linearize_lookup_table():
+    image = np.array([[0.0, 10.4, 20.0, 5.0]], np.float32)
+    table = np.zeros((2, 100), np.float32)
+    table[0, 10] = 1.5  # amp A
+    table[1, 20] = -2.0  # amp B
+    isr.linearize(image, table, {"A": slice(0, 2), "B": slice(2, 4)})
+    np.testing.assert_allclose(image, [[0.0, 11.9, 18.0, 5.0]])
+
+
+def test_clipped_mean_ignores_outliers(rng):
+    values = np.concatenate([rng.normal(100, 1, 10000), np.full(50, 1e5)])
+    assert isr.clipped_mean(values) == pytest.approx(100, abs=0.1)

@@ -1,0 +1,80 @@
+"""The Snakemake workflow end to end on the simulated test night."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from apsnake.exposure import read_exposure
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+
+
+def _config(sim, tmp_path, **extra):
+    config = {
+        "simulate": None, "raw": str(sim / "raw"), "calibs": str(sim / "calib"),
+        "refcat": str(sim / "refcat.parquet"), "templates": {"visits": [411371, 411372]},
+        "outdir": str(tmp_path / "out"), **extra,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _run(tmp_path, config, *args, check=True):
+    cmd = SNAKEMAKE + ["--directory", str(tmp_path), "--configfile", str(config), "--cores", "2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if check and proc.returncode != 0:
+        pytest.fail(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def workflow_run(sim_test_dir, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("workflow")
+    config = _config(sim_test_dir, tmp_path)
+    dry = _run(tmp_path, config, "-n")
+    run = _run(tmp_path, config)
+    return tmp_path, config, dry, run
+
+
+def test_dry_run_lists_the_jobs(workflow_run):
+    _, _, dry, _ = workflow_run
+    text = dry.stdout + dry.stderr
+    assert "ingest" in text and "checkpoint" in text.lower()
+
+
+def test_full_run_builds_registry_and_postisr(workflow_run, sim_test_dir):
+    tmp_path, _, _, _ = workflow_run
+    out = tmp_path / "out"
+    exposures = pd.read_parquet(out / "registry" / "exposures.parquet")
+    visits = sorted(exposures["visit"].unique())
+    assert len(visits) == len(list((sim_test_dir / "raw").glob("*.fits.fz")))
+    for visit, detector in zip(exposures["visit"], exposures["detector"]):
+        path = out / "postISR" / str(visit) / f"postISR_{visit}_{detector:02d}.fits"
+        assert path.exists(), path
+        assert (path.with_suffix(".json")).exists()
+        assert (out / "logs" / "isr" / str(visit) / f"isr_{visit}_{detector:02d}.log").exists()
+    exp = read_exposure(path)
+    assert exp.image.shape == (4096, 2048) and exp.visit_info.visit == visit and exp.detector == detector
+    assert (out / "logs" / "ingest.log").exists() and (out / "benchmarks" / "ingest.tsv").exists()
+    leftovers = [p for p in out.rglob(".tmp-*")]
+    assert not leftovers
+
+
+def test_rerun_is_a_no_op_and_one_target_can_be_rebuilt(workflow_run):
+    tmp_path, config, _, _ = workflow_run
+    again = _run(tmp_path, config, "-n")
+    assert "Nothing to be done" in again.stdout + again.stderr
+    exposures = pd.read_parquet(tmp_path / "out" / "registry" / "exposures.parquet")
+    visit, detector = int(exposures["visit"].iloc[-1]), int(exposures["detector"].iloc[-1])
+    target = tmp_path / "out" / "postISR" / str(visit) / f"postISR_{visit}_{detector:02d}.fits"
+    before = target.stat().st_mtime_ns
+    one = _run(tmp_path, config, str(target), "--forcerun", "isr")
+    assert "isr" in one.stdout + one.stderr
+    assert target.stat().st_mtime_ns > before
