@@ -36,3 +36,16 @@ def report(title: str, rows: list[tuple[str, float, float]]) -> None:
     print(f"{'step':40s} {'time (s)':>10s} {'peak RSS (MB)':>14s}")
     for name, seconds, mb in rows:
         print(f"{name:40s} {seconds:10.3f} {mb:14.0f}")
+
+
+def ensure_night(preset: str = "test", seed: int = 1):
+    """The simulated night used by the benchmarks, made once under benchmarks/out/."""
+    from pathlib import Path
+
+    outdir = Path(__file__).resolve().parent / "out" / f"{preset}_{seed}"
+    if not (outdir / "sim_summary.json").exists():
+        # In a child process: Linux counts a forked parent's memory in the child's peak RSS,
+        # so the parent must stay small for the other measurements to be honest.
+        subprocess.run([sys.executable, "-m", "apsnake.cli", "simulate", str(outdir), "--preset", preset,
+                        "--seed", str(seed)], check=True)
+    return outdir

@@ -217,11 +217,11 @@ def interpolate_rows(image: np.ndarray, bad: np.ndarray, fallback: float) -> np.
     if not bad.any():
         return out
     nrow, ncol = image.shape
-    cols = np.arange(ncol)
+    cols = np.arange(ncol, dtype=np.int32)
     good = ~bad
     left = np.where(good, cols, -1)
     np.maximum.accumulate(left, axis=1, out=left)
-    right = np.where(good, cols, ncol)
+    right = np.where(good, cols, np.int32(ncol))
     right = np.minimum.accumulate(right[:, ::-1], axis=1)[:, ::-1]
     r, c = np.nonzero(bad)
     lc, rc = left[r, c], right[r, c]
@@ -376,8 +376,8 @@ def run_isr(raw, bias, flat, bpm=None, crosstalk_source_ccds=None, linearity=Non
     image = np.empty(shape, np.float32)
     sat = np.zeros(shape, bool)
     crosstalk = np.zeros(shape, bool)
-    gain_map = np.empty(shape, np.float32)
-    rn_map = np.empty(shape, np.float32)
+    gain_map = np.empty(shape[1], np.float32)  # per column: amps split the CCD in x
+    rn_map = np.empty(shape[1], np.float32)
     amp_columns = {}
     for amp, geom in geoms.items():
         dest = geom.ccd.slices
@@ -389,8 +389,8 @@ def run_isr(raw, bias, flat, bpm=None, crosstalk_source_ccds=None, linearity=Non
         rn = meta["amps"][amp]["read_noise_e"]
         if not np.isfinite(rn) or rn <= 0:
             rn = ccd.amps[amp].read_noise  # camera table as fallback
-        gain_map[dest] = gain
-        rn_map[dest] = rn
+        gain_map[dest[1]] = gain
+        rn_map[dest[1]] = rn
         amp_columns[amp] = dest[1]
     del raw_f, amp_images
 

@@ -1,0 +1,106 @@
+"""ISR on the simulated night, against the simulator's truth (issue: ISR 'What it must show')."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import sep
+
+from apsnake import isr, registry
+from apsnake.instruments import decam
+
+VISIT = 419803  # the worse-seeing science visit of the test preset
+
+
+@pytest.fixture(scope="module", params=[25, 32], ids=["S1", "N1"])
+def processed(request, sim_test_dir):
+    ccd = request.param
+    reg = registry.build_registry(registry.find_input_files(sim_test_dir / "raw"),
+                                  registry.find_input_files(sim_test_dir / "calib"))
+    row = reg.exposures[(reg.exposures["visit"] == VISIT) & (reg.exposures["detector"] == ccd)].iloc[0]
+    chosen = registry.select_calibrations(reg.calibs, row)
+    raw = decam.read_raw_ccd(row["raw_path"], ccd)
+    bias = decam.read_master_calibration(*chosen["bias"][:1], ccd, chosen["bias"][1])[0]
+    flat = decam.read_master_calibration(chosen["flat"][0], ccd, chosen["flat"][1])[0]
+    bpm = decam.read_master_calibration(chosen["bpm"][0], ccd, chosen["bpm"][1])[0]
+    result = isr.run_isr(raw, bias, flat, bpm, flat_band="g")
+    no_xtalk = isr.run_isr(raw, bias, flat, bpm, flat_band="g", config=isr.IsrConfig(do_crosstalk=False))
+    visits = pd.read_parquet(sim_test_dir / "truth" / "visits.parquet").set_index("visit")
+    sig = pd.read_parquet(sim_test_dir / "truth" / "signature.parquet")
+    sig = sig[(sig["visit"] == VISIT) & (sig["detector"] == ccd)].set_index("amp")
+    exp = result.exposure
+    masked = exp.mask_of("BAD", "SAT", "SUSPECT")
+    back = sep.Background(exp.image, mask=masked, bw=128, bh=128)
+    return dict(ccd=ccd, raw=raw, bpm=bpm, result=result, exp=exp, no_xtalk=no_xtalk.exposure, sig=sig,
+                sky_e=visits.loc[VISIT, "sky_e_per_pixel"], masked=masked, back=back)
+
+
+def test_bias_and_overscan_structure_gone(processed):
+    # The flat carries the amp gain ratio (as a dome flat in ADU does), so after ISR the
+    # sky is sky_e / flat_gain everywhere.
+    sky_adu = processed["sky_e"] / processed["sig"]["flat_gain_e_per_adu"].iloc[0]
+    assert processed["back"].globalback == pytest.approx(sky_adu, rel=0.005)
+
+
+def test_flat_pattern_gone_across_ccd_and_amp_boundary(processed):
+    back = processed["back"].back()
+    inner = back[128:-128, 128:-128]
+    median = np.median(inner)
+    assert np.abs(np.percentile(inner, [0.5, 99.5]) / median - 1).max() < 0.005
+    left, right = np.median(back[:, 1000:1024]), np.median(back[:, 1024:1048])
+    assert abs(right / left - 1) < 0.005
+
+
+def test_read_noise_measured_from_overscan(processed):
+    for amp, meta in processed["result"].metadata["amps"].items():
+        assert meta["read_noise_e"] == pytest.approx(processed["sig"].loc[amp, "read_noise_e"], rel=0.05)
+        assert meta["overscan_level_adu"] == pytest.approx(processed["sig"].loc[amp, "bias_row_mean_adu"], abs=3.0)
+
+
+def test_variance_matches_blank_sky_noise(processed):
+    from astropy.stats import sigma_clipped_stats
+
+    exp, masked = processed["exp"], processed["masked"]
+    resid = exp.image - processed["back"].back()
+    for rows, cols in ((slice(500, 1500), slice(200, 900)), (slice(2500, 3500), slice(1100, 1900))):
+        sel = ~masked[rows, cols]
+        _, _, std = sigma_clipped_stats(resid[rows, cols][sel], sigma=3, maxiters=5)
+        assert std**2 == pytest.approx(np.median(exp.variance[rows, cols][sel]), rel=0.05)
+
+
+def test_crosstalk_ghosts_removed(processed):
+    # Where ISR subtracted a ghost of more than 5 ADU, the uncorrected image shows it and
+    # the corrected one keeps less than 10% of it (a wrong mirroring would leave a negative
+    # ghost here and the positive one elsewhere).
+    back = processed["back"].back()
+    removed = processed["no_xtalk"].image - processed["exp"].image
+    ghost = removed > 5.0
+    assert ghost.sum() > 50
+    raw_amplitude = np.median((processed["no_xtalk"].image - back)[ghost])
+    residual = np.median((processed["exp"].image - back)[ghost])
+    assert raw_amplitude > 4.0
+    assert abs(residual) < 0.1 * raw_amplitude
+    # CROSSTALK marks victims of sources above 45000 ADU (Rubin minPixelToMask); S1's amps
+    # saturate below that, N1's amp A above it.
+    amps = decam.ccd_info(processed["ccd"]).amps
+    can_exceed = max(a.saturation for a in amps.values()) - 3000 > isr.IsrConfig().crosstalk_min_pixel_to_mask
+    assert processed["exp"].mask_of("CROSSTALK").any() == can_exceed
+
+
+def test_defects_bad_and_saturation_sat(processed):
+    exp, raw = processed["exp"], processed["raw"]
+    bad = processed["bpm"] != 0
+    assert bad.sum() > 1000  # the simulated BPM has bad columns and hot pixels
+    assert exp.mask_of("BAD")[bad].all() and exp.mask_of("INTRP")[bad].all()
+    # No hot pixel survives: interpolated defect pixels away from sources look like sky.
+    sky = processed["back"].back()
+    far = bad & ~exp.mask_of("SAT", "SUSPECT", "CROSSTALK")
+    assert np.percentile(exp.image[far] - sky[far], 99) < 10 * np.sqrt(np.median(exp.variance))
+    # Every raw pixel at or above the amp's saturation is SAT, and trails are widened.
+    saturated_raw = np.zeros(decam.TRIMMED_SHAPE, bool)
+    for amp, geom in decam.amp_geometry(raw.header).items():
+        saturated_raw[geom.ccd.slices] = raw.data[geom.data.slices] >= decam.ccd_info(processed["ccd"]).amps[amp].saturation
+    truth_saturated = int(processed["sig"]["n_saturated_pixels"].iloc[0])
+    assert saturated_raw.sum() >= 0.95 * truth_saturated
+    assert exp.mask_of("SAT")[saturated_raw].all()
+    assert exp.mask_of("SAT").sum() > saturated_raw.sum()  # trail widening added pixels
+    assert np.isfinite(exp.image).all()
