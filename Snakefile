@@ -21,10 +21,11 @@ include: "rules/common.smk"
 include: "rules/simulate.smk"
 include: "rules/ingest.smk"
 include: "rules/isr.smk"
+include: "rules/calibrate.smk"
 
 
 rule all:
     input:
         REGISTRY.values(),
-        lambda wildcards: expand_data_ids(product("postISR")),
+        lambda wildcards: expand_data_ids(product("calexp")),
     localrule: True

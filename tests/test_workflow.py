@@ -60,11 +60,37 @@ def test_full_run_builds_registry_and_postisr(workflow_run, sim_test_dir):
         assert path.exists(), path
         assert (path.with_suffix(".json")).exists()
         assert (out / "logs" / "isr" / str(visit) / f"isr_{visit}_{detector:02d}.log").exists()
+        for name, ext in (("calexp", "fits"), ("src", "parquet"), ("calexpBackground", "fits"), ("calexp", "json")):
+            assert (out / name / str(visit) / f"{name}_{visit}_{detector:02d}.{ext}").exists(), (name, visit, detector)
     exp = read_exposure(path)
     assert exp.image.shape == (4096, 2048) and exp.visit_info.visit == visit and exp.detector == detector
+    calexp = read_exposure(out / "calexp" / str(visit) / f"calexp_{visit}_{detector:02d}.fits")
+    assert calexp.unit == "nJy" and calexp.psf is not None and calexp.wcs.sip is not None
+    src = pd.read_parquet(out / "src" / str(visit) / f"src_{visit}_{detector:02d}.parquet")
+    assert {"ra", "dec", "psfFlux", "psfFluxErr", "calib_psf_used", "calib_astrometry_used"} <= set(src.columns)
     assert (out / "logs" / "ingest.log").exists() and (out / "benchmarks" / "ingest.tsv").exists()
     leftovers = [p for p in out.rglob(".tmp-*")]
     assert not leftovers
+
+
+def test_missing_flat_fails_only_that_step_with_a_clear_message(sim_test_dir, tmp_path):
+    """A calibration folder without flats: every ISR job fails naming the data ID and the
+    missing flat, ingest still succeeds, and nothing partial is left behind."""
+    import shutil
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for path in (sim_test_dir / "calib").iterdir():
+        if "fci" not in path.name:
+            shutil.copy(path, calib / path.name)
+    config = _config(sim_test_dir, tmp_path, calibs=str(calib), visits=[419802], detectors=[25])
+    proc = _run(tmp_path, config, "--keep-going", check=False)
+    assert proc.returncode != 0
+    log = (tmp_path / "out" / "logs" / "isr" / "419802" / "isr_419802_25.log").read_text()
+    assert "visit=419802, detector=25" in log and "no flat for band g" in log
+    assert "Traceback" not in log
+    assert (tmp_path / "out" / "registry" / "exposures.parquet").exists()
+    assert not list((tmp_path / "out").rglob("postISR_*.fits"))
 
 
 def test_rerun_is_a_no_op_and_one_target_can_be_rebuilt(workflow_run):

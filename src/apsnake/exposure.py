@@ -130,6 +130,17 @@ class PsfModel:
         total = image.sum()
         return image / total if total != 0 else image
 
+    def evaluate_many(self, x, y) -> np.ndarray:
+        """The normalised PSF images at many positions: (N, size, size) float64 (``evaluate`` vectorised)."""
+        x = np.atleast_1d(np.asarray(x, float)).ravel()
+        y = np.atleast_1d(np.asarray(y, float)).ravel()
+        u, v = (x - self.x0) / self.scale, (y - self.y0) / self.scale
+        terms = np.stack([u ** (n - j) * v ** j for n in range(self.spatial_order + 1) for j in range(n + 1)], axis=-1)
+        k, ny, nx = self.components.shape
+        images = (terms @ np.asarray(self.components, float).reshape(k, ny * nx)).reshape(-1, ny, nx)
+        total = images.sum(axis=(1, 2), keepdims=True)
+        return images / np.where(total != 0, total, 1.0)
+
 
 @dataclass
 class Exposure:
@@ -325,3 +336,24 @@ def read_exposure(path: str | Path) -> Exposure:
     if not (exposure.image.shape == exposure.mask.shape == exposure.variance.shape):
         raise ExposureFormatError(f"{path}: IMAGE, MASK and VARIANCE shapes differ")
     return exposure
+
+
+def write_background(image: np.ndarray, path: str | Path, unit: str = "adu") -> None:
+    """Write a smooth background model as a tile-compressed float image (lossy quantisation
+    at 1/64 of the local noise would be invisible; the model is smooth, so it compresses
+    to a few hundred kB), atomically."""
+    from astropy.io import fits
+
+    hdu = fits.CompImageHDU(np.asarray(image, np.float32), name="BACKGROUND", compression_type="RICE_1",
+                            quantize_level=64.0)
+    hdu.header["BUNIT"] = unit
+    with atomic_output(path) as tmp:
+        fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(tmp)
+
+
+def read_background(path: str | Path) -> np.ndarray:
+    """The background image written by ``write_background``."""
+    from astropy.io import fits
+
+    with fits.open(path, memmap=False) as hdul:
+        return np.array(hdul["BACKGROUND"].data, np.float32)
