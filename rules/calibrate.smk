@@ -15,10 +15,7 @@ rule calibrate:
     benchmark:
         f"{OUT}/benchmarks/calibrate/{{visit}}/calibrate_{{visit}}_{{detector}}.tsv"
     params:
-        options={
-            "refcat_columns": config["refcat_columns"],
-            "refcat_margin_pixels": 400,
-        },
+        options={"refcat_columns": config["refcat_columns"], **config["calibrate"]},
     threads: 1
     resources:
         mem_mb=2000,

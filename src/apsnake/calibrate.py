@@ -49,6 +49,19 @@ class CalibrateConfig:
     colorterm: tuple | None = None
 
 
+def config_from_options(options: dict) -> CalibrateConfig:
+    """A CalibrateConfig from the workflow's ``calibrate:`` config section."""
+    config = CalibrateConfig()
+    config.detection.threshold = float(options.get("detection_threshold", config.detection.threshold))
+    config.psf.spatial_order = int(options.get("psf_spatial_order", config.psf.spatial_order))
+    config.psf.min_snr = float(options.get("psf_star_min_snr", config.psf.min_snr))
+    config.astrometry.sip_order = int(options.get("sip_order", config.astrometry.sip_order))
+    config.astrometry.max_offset_arcsec = float(options.get("max_pointing_offset_arcsec", config.astrometry.max_offset_arcsec))
+    config.astrometry.max_rotation_deg = float(options.get("max_rotation_deg", config.astrometry.max_rotation_deg))
+    config.astrometry.max_rms_arcsec = float(options.get("max_astrometry_rms_arcsec", config.astrometry.max_rms_arcsec))
+    return config
+
+
 @dataclass
 class CalibrateResult:
     calexp: Exposure
