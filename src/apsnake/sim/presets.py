@@ -60,6 +60,10 @@ class Preset:
         Time-domain objects placed so that each lands on a simulated CCD in every science visit.
     n_bright_stars : int
         Extra bright (saturating) stars placed where every science visit sees them.
+    signal_mag_range : tuple of float
+        Range (g mag, uniform) of the science-minus-template signal of transients and
+        variables: (19.5, 22.5) puts it at S/N ~ 10-200; the ``dense`` preset reaches below
+        the detection limit to measure completeness.
     star_density_deg2 : float
         Stars per deg^2 brighter than g = 24 (high galactic latitude).
     galaxy_density_deg2 : float
@@ -92,6 +96,7 @@ class Preset:
     n_variables: int = 18
     n_asteroids: int = 4
     n_bright_stars: int = 4
+    signal_mag_range: tuple[float, float] = (19.5, 22.5)
     star_density_deg2: float = 15000.0
     galaxy_density_deg2: float = 25000.0
     galaxy_mag_limit: float = 25.0
@@ -138,5 +143,13 @@ PRESETS: dict[str, Preset] = {
         name="test", ccds=(25, 32), band="g", exptime=90.0,
         visits=_DEMO_TEMPLATES[:2] + _DEMO_SCIENCE[:2],
         n_transients=10, n_variables=10, n_asteroids=3, n_bright_stars=4,
+    ),
+    # Many faint time-domain objects, for completeness and flux-pull statistics near the
+    # detection limit (difference-image S/N ~ 2-60).
+    "dense": Preset(
+        name="dense", ccds=(25, 32), band="g", exptime=90.0,
+        visits=_DEMO_TEMPLATES[:2] + _DEMO_SCIENCE[:2],
+        n_transients=120, n_variables=120, n_asteroids=4, n_bright_stars=4,
+        signal_mag_range=(21.0, 24.5),
     ),
 }

@@ -324,7 +324,7 @@ def make_time_domain(rng, region: SkyRegion, geometry: Geometry, visits: list[Vi
     t_ref = np.where(fast, t_sci.min(), t_sci.mean())
     # Never before the templates: an old one starts at a random time after the template night.
     t0 = np.maximum(t_ref - age, last_template + rng.uniform(0.5, 3.0, n_tr))
-    target = mag_to_njy(rng.uniform(19.5, 22.5, n_tr))
+    target = mag_to_njy(rng.uniform(*preset.signal_mag_range, n_tr))
     unit = np.array([transient_flux(t_sci, t0[k], 1.0, tau_r[k], tau_f[k]).max() for k in range(n_tr)])
     transients = pd.DataFrame({
         "object_id": TRANSIENT_ID0 + np.arange(1, n_tr + 1), "ra": tr_ra, "dec": tr_dec,
@@ -348,7 +348,7 @@ def make_time_domain(rng, region: SkyRegion, geometry: Geometry, visits: list[Vi
                 break
         want_negative = k % 2 == 1
         sign = 1.0 if (s_sci > s_tmpl) != want_negative else -1.0
-        target = mag_to_njy(rng.uniform(19.5, 22.5))
+        target = mag_to_njy(rng.uniform(*preset.signal_mag_range))
         mean_flux = min(target / abs(s_sci - s_tmpl), mag_to_njy(15.5))
         rows.append((amp, period, phase, sign, mean_flux))
     amp, period, phase, sign, mean_flux = (np.array(c) for c in zip(*rows)) if rows else (np.zeros(0),) * 5
