@@ -1,8 +1,10 @@
 # apsnake: DECam alert production (Rubin ap_pipe) as a Snakemake workflow.
 #
 #   raw DECam exposures --ingest--> registry (exposures, calibs, rejected)
-#   later stages: --isr--> postISR --calibrate--> calexp --diffim--> diffexp, diaSrc
-#                 --associate--> APDB fragments + apdb_marker
+#   --isr--> postISR --calibrate--> calexp + src
+#   template visits' calexps --coadd--> coadd cells --template--> template per data ID
+#   calexp + template --diffim--> diffexp --detectDiaSources--> diaSrc
+#   later: --associate--> APDB fragments + apdb_marker
 #
 # Read ../shared/design/ARCHITECTURE.md for data IDs, products and DAG ordering.
 
@@ -22,10 +24,13 @@ include: "rules/simulate.smk"
 include: "rules/ingest.smk"
 include: "rules/isr.smk"
 include: "rules/calibrate.smk"
+include: "rules/template.smk"
+include: "rules/diffim.smk"
 
 
 rule all:
     input:
         REGISTRY.values(),
         lambda wildcards: expand_data_ids(product("calexp")),
+        lambda wildcards: expand_data_ids(product("diaSrc", "parquet"), science_only=True),
     localrule: True

@@ -28,6 +28,8 @@ REGISTRY = {
 wildcard_constraints:
     visit=r"\d+",
     detector=r"\d+",
+    band=r"[A-Za-z0-9]+",
+    cell=r"[A-Za-z0-9_]+",
 
 
 def logs(name):
@@ -70,8 +72,15 @@ def product(name, ext="fits"):
     return f"{OUT}/{name}/{{visit}}/{name}_{{visit}}_{{detector}}.{ext}"
 
 
-def expand_data_ids(pattern):
-    """Every selected data ID's file for a product pattern, detector zero-padded."""
+def expand_data_ids(pattern, science_only=False):
+    """Every selected data ID's file for a product pattern, detector zero-padded.
+
+    ``science_only`` leaves out the template visits (they build the templates; a
+    difference against a coadd of themselves is not wanted).
+    """
+    template_visits = set(config["templates"]["visits"]) if science_only else set()
     return [
-        pattern.format(visit=v, detector=f"{d:02d}") for v, d in science_data_ids()
+        pattern.format(visit=v, detector=f"{d:02d}")
+        for v, d in science_data_ids()
+        if v not in template_visits
     ]

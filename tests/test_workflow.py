@@ -62,6 +62,17 @@ def test_full_run_builds_registry_and_postisr(workflow_run, sim_test_dir):
         assert (out / "logs" / "isr" / str(visit) / f"isr_{visit}_{detector:02d}.log").exists()
         for name, ext in (("calexp", "fits"), ("src", "parquet"), ("calexpBackground", "fits"), ("calexp", "json")):
             assert (out / name / str(visit) / f"{name}_{visit}_{detector:02d}.{ext}").exists(), (name, visit, detector)
+    template_visits = {411371, 411372}
+    science = exposures[~exposures["visit"].isin(template_visits)]
+    assert len(science) > 0
+    for visit_, detector_ in zip(science["visit"], science["detector"]):
+        for name, ext in (("template", "fits"), ("diffexp", "fits"), ("diffexp", "json"), ("diaSrc", "parquet")):
+            assert (out / name / str(visit_) / f"{name}_{visit_}_{detector_:02d}.{ext}").exists(), (name, visit_)
+    assert not (out / "diaSrc" / "411371").exists()  # template visits are not differenced
+    assert list((out / "coadd" / "g").glob("*.fits"))
+    dia_sources = pd.read_parquet(out / "diaSrc" / str(visit_) / f"diaSrc_{visit_}_{detector_:02d}.parquet")
+    assert len(dia_sources) > 0 and dia_sources["diaObjectId"].isna().all()
+    assert dia_sources["diaSourceId"].is_unique and (dia_sources["visit"] == visit_).all()
     exp = read_exposure(path)
     assert exp.image.shape == (4096, 2048) and exp.visit_info.visit == visit and exp.detector == detector
     calexp = read_exposure(out / "calexp" / str(visit) / f"calexp_{visit}_{detector:02d}.fits")

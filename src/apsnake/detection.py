@@ -130,16 +130,20 @@ def smooth_for_detection(image: np.ndarray, variance: np.ndarray, bad: np.ndarra
     """The PSF-smoothed image and its noise (Rubin detects on the image convolved with the
     PSF, thresholding in units of the smoothed image's noise).
 
-    Masked pixels count as zero signal. The noise of a Gaussian-smoothed image is
-    sqrt(<var>) / (2 sqrt(pi) sigma) for locally white noise. Returns float32 arrays.
+    Masked pixels count as zero signal. The noise is sqrt(sum_i k_i^2 var_i) for the
+    Gaussian kernel k of width ``psf_sigma`` (pixels). Returns float32 arrays.
     """
     from scipy import ndimage
 
     data = np.where(bad, 0.0, image).astype(np.float32)
     var = np.where(bad | ~np.isfinite(variance), 0.0, variance).astype(np.float32)
-    smoothed = ndimage.gaussian_filter(data, psf_sigma, truncate=3.0)
-    noise = np.sqrt(np.maximum(ndimage.gaussian_filter(var, psf_sigma, truncate=3.0), 0.0)) / np.float32(
-        2.0 * np.sqrt(np.pi) * psf_sigma)
+    # Zero padding outside the image and on masked pixels, for the image and the variance
+    # alike: sum(k^2 var) = gaussian_filter(var, sigma / sqrt(2)) / (4 pi sigma^2) exactly,
+    # so the noise stays right at the edges and around masks (reflected edges would count
+    # pixels twice and underestimate it).
+    smoothed = ndimage.gaussian_filter(data, psf_sigma, truncate=3.0, mode="constant")
+    noise = np.sqrt(np.maximum(ndimage.gaussian_filter(var, psf_sigma / np.sqrt(2.0), truncate=4.2, mode="constant"),
+                               0.0)) / np.float32(2.0 * np.sqrt(np.pi) * psf_sigma)
     noise[bad] = np.inf
     return smoothed, noise.astype(np.float32)
 

@@ -1,0 +1,185 @@
+"""Score pipeline products against the simulator's truth.
+
+Used by the tests and by ``benchmarks/measure_dia_truth.py``; nothing here is needed to run
+the pipeline. Positions are matched on the sky (deg), fluxes compared in nJy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+MATCH_RADIUS_ARCSEC = 1.0
+BRIGHT_STAR_MAG = 16.0
+BRIGHT_STAR_RADIUS_ARCSEC = 30.0
+
+
+def _tangent(ra, dec, ra0, dec0):
+    """Local flat coordinates (arcsec) around (ra0, dec0)."""
+    x = (np.asarray(ra) - ra0) * np.cos(np.radians(dec0)) * 3600.0
+    y = (np.asarray(dec) - dec0) * 3600.0
+    return np.column_stack([x, y])
+
+
+def truth_difference_snr(diffexp, truth_xy) -> np.ndarray:
+    """PSF-flux noise (nJy) on the difference image at truth pixel positions."""
+    from apsnake.psf import psf_flux
+
+    zeros = np.zeros_like(diffexp.image)
+    bad = diffexp.mask_of("NO_DATA", "BAD")
+    _, err, _, _ = psf_flux(zeros, diffexp.variance, diffexp.psf, truth_xy[:, 0], truth_xy[:, 1], bad=bad)
+    return np.asarray(err, float)
+
+
+def evaluate_data_id(sim_dir: str | Path, out_dir: str | Path, visit: int, detector: int) -> dict:
+    """Match one data ID's diaSrc to the truth; return per-object and per-source tables.
+
+    Returns a dict with ``truth`` (time-domain objects on this CCD with their true
+    difference flux, its PSF-flux noise on our difference image, true S/N, matched flag and
+    measured flux) and ``sources`` (every DIA source with its match, nearest bright star
+    distance and whether it is a false detection).
+    """
+    from scipy.spatial import cKDTree
+
+    from apsnake.exposure import read_exposure
+
+    sim_dir, out_dir = Path(sim_dir), Path(out_dir)
+    name = f"{visit}/diaSrc_{visit}_{detector:02d}.parquet"
+    src = pd.read_parquet(out_dir / "diaSrc" / name)
+    diffexp = read_exposure(out_dir / "diffexp" / str(visit) / f"diffexp_{visit}_{detector:02d}.fits")
+    td = pd.read_parquet(sim_dir / "truth" / "timedomain.parquet")
+    on = td[(td["visit"] == visit) & (td["detector"] == detector)].copy()
+    ra0, dec0 = diffexp.wcs.all_pix2world(diffexp.shape[1] / 2, diffexp.shape[0] / 2, 0)
+    ra0, dec0 = float(ra0), float(dec0)
+    tx, ty = diffexp.wcs.all_world2pix(on["ra"].to_numpy(), on["dec"].to_numpy(), 0)
+    inside = (tx > 5) & (tx < diffexp.shape[1] - 5) & (ty > 5) & (ty < diffexp.shape[0] - 5)
+    on, tx, ty = on[inside].reset_index(drop=True), tx[inside], ty[inside]
+    covered = ~diffexp.mask_of("NO_DATA")[np.round(ty).astype(int), np.round(tx).astype(int)] if len(on) else np.zeros(0, bool)
+    on = on[covered].reset_index(drop=True)
+    tx, ty = tx[covered], ty[covered]
+    noise = truth_difference_snr(diffexp, np.column_stack([tx, ty])) if len(on) else np.zeros(0)
+    on["diff_flux_err"] = noise
+    on["true_snr"] = np.abs(on["diff_flux_nJy"]) / np.where(noise > 0, noise, np.inf)
+    # Everything that can legitimately appear in a difference: every time-domain object at
+    # this visit and at the template epochs (asteroids left in a template coadd), anywhere.
+    known = td[(td["visit"] == visit) | td["is_template"]]
+    known_xy = _tangent(known["ra"], known["dec"], ra0, dec0)
+    src_xy = _tangent(src["ra"], src["dec"], ra0, dec0)
+    matched = np.zeros(len(on), bool)
+    flux = np.full(len(on), np.nan)
+    flux_err = np.full(len(on), np.nan)
+    dra = np.full(len(on), np.nan)
+    ddec = np.full(len(on), np.nan)
+    if len(src) and len(on):
+        tree = cKDTree(src_xy)
+        d, i = tree.query(_tangent(on["ra"], on["dec"], ra0, dec0))
+        matched = d < MATCH_RADIUS_ARCSEC
+        flux[matched] = src["psfFlux"].to_numpy()[i[matched]]
+        flux_err[matched] = src["psfFluxErr"].to_numpy()[i[matched]]
+        dra[matched] = (src["ra"].to_numpy()[i[matched]] - on["ra"].to_numpy()[matched]) * np.cos(np.radians(dec0)) * 3.6e6
+        ddec[matched] = (src["dec"].to_numpy()[i[matched]] - on["dec"].to_numpy()[matched]) * 3.6e6
+    on["matched"], on["psfFlux"], on["psfFluxErr"], on["dra_mas"], on["ddec_mas"] = matched, flux, flux_err, dra, ddec
+    # False detections: DIA sources with no known time-domain object within the radius.
+    stars = pd.read_parquet(sim_dir / "truth" / "stars.parquet")
+    bright = stars[stars["g_mag"] < BRIGHT_STAR_MAG]
+    sources = src[["ra", "dec", "psfFlux", "snr"]].copy()
+    if len(src):
+        d_known, _ = cKDTree(known_xy).query(src_xy) if len(known) else (np.full(len(src), np.inf), None)
+        sources["false"] = d_known > MATCH_RADIUS_ARCSEC
+        if len(bright):
+            d_bright, _ = cKDTree(_tangent(bright["ra"], bright["dec"], ra0, dec0)).query(src_xy)
+        else:
+            d_bright = np.full(len(src), np.inf)
+        sources["near_bright_star"] = d_bright < BRIGHT_STAR_RADIUS_ARCSEC
+    else:
+        sources["false"] = np.zeros(0, bool)
+        sources["near_bright_star"] = np.zeros(0, bool)
+    return {"truth": on, "sources": sources}
+
+
+def summarise(results: list[dict]) -> dict:
+    """Completeness, false detections, flux pulls and astrometry over many data IDs."""
+    truth = pd.concat([r["truth"] for r in results], ignore_index=True)
+    sources = pd.concat([r["sources"] for r in results], ignore_index=True)
+    n_ccd_visits = len(results)
+    fakes = truth[truth["kind"].isin(["transient", "variable"])]
+
+    def completeness(lo, hi):
+        sel = (fakes["true_snr"] >= lo) & (fakes["true_snr"] < hi)
+        return (float(fakes.loc[sel, "matched"].mean()) if sel.any() else float("nan")), int(sel.sum())
+
+    m = truth[truth["matched"]]
+    pull = (m["psfFlux"] - m["diff_flux_nJy"]) / m["psfFluxErr"]
+    pull = pull[np.isfinite(pull)]
+    bright = m[m["true_snr"] > 20]
+    pos_rms = float(np.sqrt(np.nanmean(bright["dra_mas"] ** 2 + bright["ddec_mas"] ** 2) / 2)) if len(bright) else float("nan")
+    false = sources[sources["false"]]
+    return {
+        "n_ccd_visits": n_ccd_visits,
+        "completeness_snr_4.5_6.5": completeness(4.5, 6.5),
+        "completeness_snr_5_6": completeness(5.0, 6.0),
+        "completeness_snr_7_9": completeness(7.0, 9.0),
+        "completeness_snr_8_inf": completeness(8.0, np.inf),
+        "completeness_snr_3_5": completeness(3.0, 5.0),
+        "false_per_ccd_visit_away_from_bright_stars": float((~false["near_bright_star"]).sum()) / n_ccd_visits,
+        "false_per_ccd_visit_near_bright_stars": float(false["near_bright_star"].sum()) / n_ccd_visits,
+        "pull_median": float(np.median(pull)) if len(pull) else float("nan"),
+        "pull_scatter": float(1.4826 * np.median(np.abs(pull - np.median(pull)))) if len(pull) else float("nan"),
+        "pull_std": float(np.std(pull)) if len(pull) else float("nan"),
+        "n_matched": int(len(m)),
+        "position_rms_mas_per_axis_snr_gt_20": pos_rms,
+        "n_snr_gt_20": int(len(bright)),
+        "asteroids_recovered": float(truth.loc[truth["kind"] == "asteroid", "matched"].mean())
+        if (truth["kind"] == "asteroid").any() else float("nan"),
+    }
+
+
+def static_star_residuals(sim_dir: str | Path, out_dir: str | Path, visit: int, detector: int,
+                          max_snr: float = 200.0, isolation_arcsec: float = 5.0) -> pd.DataFrame:
+    """Normalised residual rms of the difference image at isolated, constant truth stars.
+
+    For each star (not variable, unsaturated, no other truth star or galaxy within
+    ``isolation_arcsec``), the rms of D / sqrt(var) over the pixels within 2 FWHM of it;
+    ~1 when the subtraction leaves only noise. ``snr`` is the star's PSF S/N in the
+    science calexp (truth flux over the calexp's PSF-flux noise); stars above ``max_snr``
+    are left out.
+    """
+    from scipy.spatial import cKDTree
+
+    from apsnake.exposure import read_exposure
+    from apsnake.psf import measure_fwhm, psf_flux
+
+    sim_dir, out_dir = Path(sim_dir), Path(out_dir)
+    diff = read_exposure(out_dir / "diffexp" / str(visit) / f"diffexp_{visit}_{detector:02d}.fits")
+    calexp = read_exposure(out_dir / "calexp" / str(visit) / f"calexp_{visit}_{detector:02d}.fits")
+    stars = pd.read_parquet(sim_dir / "truth" / "stars.parquet")
+    galaxies = pd.read_parquet(sim_dir / "truth" / "galaxies.parquet")
+    ra0, dec0 = float(stars["ra"].median()), float(stars["dec"].median())
+    everything = np.vstack([_tangent(stars["ra"], stars["dec"], ra0, dec0),
+                            _tangent(galaxies["ra"], galaxies["dec"], ra0, dec0)])
+    d, _ = cKDTree(everything).query(_tangent(stars["ra"], stars["dec"], ra0, dec0), k=2)
+    stars = stars[(d[:, 1] > isolation_arcsec) & (stars["variable_object_id"] < 0)]
+    x, y = diff.wcs.all_world2pix(stars["ra"].to_numpy(), stars["dec"].to_numpy(), 0)
+    ny, nx = diff.shape
+    fwhm = float(measure_fwhm(diff.psf.evaluate(nx / 2, ny / 2)))
+    r = int(np.ceil(2 * fwhm))
+    inside = (x > r + 2) & (x < nx - r - 3) & (y > r + 2) & (y < ny - r - 3)
+    stars, x, y = stars[inside], x[inside], y[inside]
+    _, noise, _, _ = psf_flux(np.zeros_like(calexp.image), calexp.variance, calexp.psf, x, y)
+    snr = stars[f"{calexp.visit_info.band}_flux_nJy"].to_numpy() / noise
+    bad = diff.mask_of("SAT", "SAT_TEMPLATE", "BAD", "NO_DATA", "EDGE", "CR", "INTRP")
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    disc = (xx**2 + yy**2) <= r * r
+    rows = []
+    for xi, yi, s in zip(x, y, snr):
+        if not (0 < s <= max_snr):
+            continue
+        ix, iy = int(round(xi)), int(round(yi))
+        cut = (slice(iy - r, iy + r + 1), slice(ix - r, ix + r + 1))
+        if bad[cut][disc].any():
+            continue
+        z = diff.image[cut][disc] / np.sqrt(diff.variance[cut][disc])
+        rows.append((xi, yi, s, float(np.sqrt(np.mean(z**2)))))
+    return pd.DataFrame(rows, columns=["x", "y", "snr", "normalised_rms"])
