@@ -549,3 +549,15 @@ def test_real_decam_sfft_stamps():
     assert np.all(np.hypot(*(dipoles - np.median(dipoles, axis=0)).T) <= 1.0)
     assert np.all(np.hypot(*(transients - np.median(transients, axis=0)).T) <= 1.0)
     assert np.allclose(np.median(transients, axis=0), [129, 128], atol=2)
+
+
+def test_model_error_adds_a_floor_where_the_template_is_bright(al_pair):
+    from dataclasses import replace as dc_replace
+
+    science, template, sources, _, base = al_pair
+    floor = subtract(science, template, sources, dc_replace(DiffimConfig(), model_error=0.01))
+    expected = base.difference.variance + (0.01 * base.matched_template.image) ** 2
+    np.testing.assert_allclose(floor.difference.variance, expected, rtol=1e-4)
+    faint = np.abs(base.matched_template.image) < 10 * np.sqrt(np.median(base.difference.variance))
+    assert np.allclose(floor.difference.variance[faint], base.difference.variance[faint], rtol=0.01)
+    assert floor.metadata["model_error"] == 0.01
