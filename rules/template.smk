@@ -50,6 +50,7 @@ rule coadd:
         f"{OUT}/benchmarks/coadd/{{band}}/coadd_{{cell}}.tsv"
     params:
         cell_size_deg=config["templates"]["cell_size_deg"],
+        homogenize_psf=config["templates"]["homogenize_psf"],
     threads: 1
     resources:
         mem_mb=4000,

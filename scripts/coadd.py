@@ -2,7 +2,7 @@
 
 from apsnake.exposure import read_exposure, write_exposure
 from apsnake.logs import workflow_step
-from apsnake.template import SkyGrid, make_coadd, warp_exposure
+from apsnake.template import CoaddConfig, SkyGrid, make_coadd, warp_exposure
 
 band, cell = snakemake.wildcards.band, snakemake.wildcards.cell
 
@@ -11,4 +11,5 @@ with workflow_step("coadd", snakemake.log[0], f"band={band} cell={cell}"):
     warped = []
     for path in snakemake.input.calexps:
         warped.append(warp_exposure(read_exposure(path), wcs, shape))
-    write_exposure(make_coadd(warped, cell_id=cell, wcs=wcs, shape=shape, band=band), snakemake.output.coadd)
+    config = CoaddConfig(homogenize_psf=bool(snakemake.params.homogenize_psf))
+    write_exposure(make_coadd(warped, config, cell_id=cell, wcs=wcs, shape=shape, band=band), snakemake.output.coadd)

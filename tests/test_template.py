@@ -761,3 +761,33 @@ def test_single_visit_template(scene):
         other = tmpl.copy()
         other.visit_info = VisitInfo(visit=300, band="z")
         single_visit_template(sci, other)
+
+
+def test_homogenize_psfs_brings_inputs_to_the_widest_psf():
+    """Inputs of different seeing leave a coadd whose PSF jumps at their edges; after
+    homogenisation every input has the widest PSF and keeps its fluxes."""
+    from apsnake.exposure import Exposure, PsfModel, VisitInfo
+    from apsnake.psf import measure_fwhm
+    from apsnake.template import homogenize_psfs
+
+    def gaussian(sigma, size=25):
+        r = np.arange(size) - size // 2
+        g = np.exp(-0.5 * (r[:, None] ** 2 + r[None, :] ** 2) / sigma**2)
+        return (g / g.sum()).astype(np.float32)
+
+    exposures = []
+    for sigma in (1.4, 1.9):
+        image = np.zeros((128, 128), np.float32)
+        image[64 - 12:64 + 13, 64 - 12:64 + 13] = 1000.0 * gaussian(sigma)
+        exp = Exposure.empty((128, 128), VisitInfo(visit=1, band="g"), detector=25, unit="nJy")
+        exp.image, exp.variance = image, np.full((128, 128), 4.0, np.float32)
+        exp.psf = PsfModel(gaussian(sigma)[None], spatial_order=0)
+        exposures.append(exp)
+    out = homogenize_psfs(exposures)
+    fwhm = [measure_fwhm(e.psf.evaluate(64, 64)) for e in out]
+    stars = [measure_fwhm(e.image[64 - 12:64 + 13, 64 - 12:64 + 13]) for e in out]
+    assert fwhm[0] == pytest.approx(fwhm[1], rel=0.02) and stars[0] == pytest.approx(stars[1], rel=0.02)
+    assert fwhm[1] == pytest.approx(1.9 * 2.3548, rel=0.02)
+    assert out[0].image.sum() == pytest.approx(1000.0, rel=1e-3)
+    assert out[1] is exposures[1]  # the widest input is left alone
+    assert np.median(out[0].variance) < 4.0  # per-pixel variance of the smoothed noise

@@ -956,6 +956,13 @@ class CoaddConfig:
         carry at least this fraction of the weight (Rubin: SAT 0.1).
     chunk_rows : int
         Rows processed together (memory: about 40 bytes x inputs x rows x columns).
+    homogenize_psf : bool
+        Convolve every input to the widest input PSF (Gaussian kernels of width
+        sqrt(sigma_widest^2 - sigma_i^2)) before combining. A coadd of different seeing
+        has a PSF that jumps wherever the set of covering inputs changes (CCD edges and
+        gaps of the dithered inputs); no smooth PSF-matching kernel can follow that, and
+        bright stars then leave ~1% residuals in differences. On the simulated demo night a
+        single-visit template cut the false detections from 18 to 2.5 per CCD-visit.
     """
 
     clip_sigma: float = 3.0
@@ -966,6 +973,7 @@ class CoaddConfig:
     drop_mask_planes: tuple[str, ...] = ("DETECTED", "DETECTED_NEGATIVE", "CR", "NO_DATA")
     mask_propagation_threshold: float = 0.1
     chunk_rows: int = 256
+    homogenize_psf: bool = True
 
 
 def _bits(exposure: Exposure, names) -> int:
@@ -1082,6 +1090,60 @@ def _empty_coadd(wcs, shape, band: str, cell_id: str | None) -> Exposure:
     return out
 
 
+def _psf_sigma_at_centre(exposure: Exposure) -> float:
+    from apsnake.psf import measure_fwhm
+
+    ny, nx = exposure.shape
+    return float(measure_fwhm(exposure.psf.evaluate(nx / 2.0, ny / 2.0))) / 2.3548
+
+
+def homogenize_psfs(warped: list[Exposure]) -> list[Exposure]:
+    """Convolve exposures on one grid to the widest PSF among them (Gaussian kernels).
+
+    The image is convolved with a Gaussian of width sqrt(s_max^2 - s_i^2) (pixels), the
+    variance with the per-pixel variance of such a convolution of white noise
+    (``sum k^2 var``), the PSF model's components with the same kernel; NO_DATA grows by
+    3 kernel widths so no convolved pixel mixes in missing data. Exposures without a PSF
+    are returned unchanged.
+    """
+    from scipy import ndimage
+
+    with_psf = [e for e in warped if e.psf is not None]
+    if len(with_psf) < 2:
+        return warped
+    sigmas = [_psf_sigma_at_centre(e) for e in with_psf]
+    target = max(sigmas)
+    out = []
+    for exposure in warped:
+        if exposure.psf is None:
+            out.append(exposure)
+            continue
+        sigma_k = math.sqrt(max(target**2 - _psf_sigma_at_centre(exposure) ** 2, 0.0))
+        if sigma_k < 0.2:
+            out.append(exposure)
+            continue
+        nodata = exposure.mask_of("NO_DATA")
+        image = np.where(nodata, 0.0, exposure.image).astype(np.float32)
+        variance = np.where(nodata, 0.0, exposure.variance).astype(np.float32)
+        image = ndimage.gaussian_filter(image, sigma_k, mode="constant", truncate=4.0)
+        variance = ndimage.gaussian_filter(variance, sigma_k / math.sqrt(2.0), mode="constant", truncate=4.0)
+        variance /= np.float32(4.0 * math.pi * sigma_k**2)
+        grown = ndimage.binary_dilation(nodata, iterations=int(math.ceil(3 * sigma_k))) if nodata.any() else nodata
+        mask = exposure.mask.copy()
+        mask[grown] |= np.int32(1 << exposure.mask_planes["NO_DATA"]) if "NO_DATA" in exposure.mask_planes else 0
+        image[grown] = 0.0
+        variance[grown] = 0.0
+        components = np.stack([ndimage.gaussian_filter(c, sigma_k, mode="constant", truncate=4.0)
+                               for c in np.asarray(exposure.psf.components, np.float32)])
+        psf = replace(exposure.psf, components=components.astype(np.float32))
+        new = replace(exposure, image=image, variance=variance, mask=mask, psf=psf, metadata=dict(exposure.metadata))
+        new.metadata["HOMOGSIG"] = round(sigma_k, 4)
+        out.append(new)
+    log.info("coadd inputs homogenized to PSF sigma %.2f px (input sigmas %s)", target,
+             [round(v, 2) for v in sigmas])
+    return out
+
+
 def make_coadd(warped: list[Exposure], config: CoaddConfig | None = None, *, cell_id: str | None = None,
                wcs=None, shape: tuple[int, int] | None = None, band: str | None = None) -> Exposure:
     """Inverse-variance weighted, outlier-clipped mean of exposures warped onto one grid.
@@ -1127,6 +1189,8 @@ def make_coadd(warped: list[Exposure], config: CoaddConfig | None = None, *, cel
     """
     cfg = config or CoaddConfig()
     warped = [e for e in warped if not _all_nodata(e)]
+    if cfg.homogenize_psf and len(warped) > 1:
+        warped = homogenize_psfs(warped)
     if not warped:
         if wcs is None or shape is None:
             raise TemplateError(f"make_coadd{f' {cell_id}' if cell_id else ''}: no input covers the grid")
