@@ -49,6 +49,16 @@ class CalibrateConfig:
     colorterm: tuple | None = None
 
 
+def _pixel_scale_arcsec(wcs, shape) -> float:
+    """Mean pixel scale (arcsec) at the image centre, from the WCS."""
+    ny, nx = shape
+    ra, dec = wcs.all_pix2world([nx / 2, nx / 2 + 1, nx / 2], [ny / 2, ny / 2, ny / 2 + 1], 0)
+    cosd = np.cos(np.radians(dec[0]))
+    dx = np.hypot((ra[1] - ra[0]) * cosd, dec[1] - dec[0])
+    dy = np.hypot((ra[2] - ra[0]) * cosd, dec[2] - dec[0])
+    return float(np.sqrt(dx * dy) * 3600.0)
+
+
 def config_from_options(options: dict) -> CalibrateConfig:
     """A CalibrateConfig from the workflow's ``calibrate:`` config section."""
     config = CalibrateConfig()
@@ -239,7 +249,7 @@ def calibrate_exposure(post_isr: Exposure, refcat, config: CalibrateConfig | Non
     sky_noise_njy = float(np.std(exp.image[good_sky][:: max(1, int(good_sky.sum() // 500_000))]))
     meta = {
         "visit": visit, "detector": detector,
-        "fwhm_pixels": fwhm_centre, "fwhm_arcsec": fwhm_centre * 0.263,
+        "fwhm_pixels": fwhm_centre, "fwhm_arcsec": fwhm_centre * _pixel_scale_arcsec(astro.wcs, exp.shape),
         "n_sources": int(len(sources)), "n_psf_stars": int(chosen.sum()), "n_cosmic_ray_pixels": int(crs.sum()),
         "n_astrometry_matches": int(astro.n_matches), "astrometry_rms_mas": float(astro.rms_mas),
         "pointing_offset_arcsec": [float(v) for v in astro.offset_arcsec], "rotation_deg": float(astro.rotation_deg),
