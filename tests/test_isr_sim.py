@@ -104,3 +104,18 @@ def test_defects_bad_and_saturation_sat(processed):
     assert exp.mask_of("SAT")[saturated_raw].all()
     assert exp.mask_of("SAT").sum() > saturated_raw.sum()  # trail widening added pixels
     assert np.isfinite(exp.image).all()
+
+
+def test_truncated_raw_and_nan_pixels_fail_with_the_file_and_reason(sim_test_dir, tmp_path):
+    raw_path = sorted((sim_test_dir / "raw").glob("*.fits.fz"))[-1]
+    data = raw_path.read_bytes()
+    cut = tmp_path / "truncated.fits.fz"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    with pytest.raises(decam.RawFormatError, match="truncated.fits.fz"):
+        decam.read_raw_ccd(cut, 32)  # the second CCD's extension is cut short
+    raw = decam.read_raw_ccd(raw_path, 25)
+    raw.data = raw.data.astype(np.float32)
+    raw.data[100, 100] = np.nan
+    flat = np.ones(decam.TRIMMED_SHAPE, np.float32)
+    with pytest.raises(isr.IsrInputError, match=r"visit=\d+, detector=25\).*NaN"):
+        isr.run_isr(raw, np.zeros(decam.TRIMMED_SHAPE, np.float32), flat, None)
