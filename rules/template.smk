@@ -34,9 +34,20 @@ def coadd_inputs(wildcards):
     ]
 
 
-def template_cells(wildcards):
+def template_inputs(wildcards):
+    """Coadd cells under the data ID (mode coadd), or the template visits' calexps that
+    share a sky cell with it (mode single)."""
     row = exposure_row(wildcards)
-    return [f"{OUT}/coadd/{row['band']}/{cell}.fits" for cell in cells_of(row)]
+    cells = set(cells_of(row))
+    if config["templates"]["mode"] == "single":
+        rows = template_rows()
+        rows = rows[rows["band"] == row["band"]]
+        return [
+            product("calexp").format(visit=r["visit"], detector=f"{int(r['detector']):02d}")
+            for _, r in rows.iterrows()
+            if cells & set(cells_of(r))
+        ]
+    return [f"{OUT}/coadd/{row['band']}/{cell}.fits" for cell in sorted(cells)]
 
 
 rule coadd:
@@ -64,9 +75,11 @@ rule coadd:
 rule template:
     input:
         calexp=product("calexp"),
-        coadds=template_cells,
+        inputs=template_inputs,
     output:
         template=product("template"),
+    params:
+        mode=config["templates"]["mode"],
     log:
         f"{OUT}/logs/template/{{visit}}/template_{{visit}}_{{detector}}.log",
     benchmark:

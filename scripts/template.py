@@ -1,12 +1,18 @@
-"""Snakemake adapter: warp the overlapping coadd cells onto one calexp's pixel grid."""
+"""Snakemake adapter: the template of one data ID on its calexp's pixel grid, from the
+overlapping coadd cells (templates.mode: coadd) or the best-covering template visit
+(templates.mode: single)."""
 
 from apsnake.exposure import read_exposure, write_exposure
 from apsnake.logs import workflow_step
-from apsnake.template import template_for_exposure
+from apsnake.template import best_single_visit_template, template_for_exposure
 
 visit, detector = int(snakemake.wildcards.visit), int(snakemake.wildcards.detector)
 
 with workflow_step("template", snakemake.log[0], f"visit={visit} detector={detector}"):
     calexp = read_exposure(snakemake.input.calexp)
-    coadds = [read_exposure(path) for path in snakemake.input.coadds]
-    write_exposure(template_for_exposure(calexp, coadds), snakemake.output.template)
+    inputs = [read_exposure(path) for path in snakemake.input.inputs]
+    if snakemake.params.mode == "single":
+        template = best_single_visit_template(calexp, inputs)
+    else:
+        template = template_for_exposure(calexp, inputs)
+    write_exposure(template, snakemake.output.template)

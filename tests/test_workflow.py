@@ -115,3 +115,19 @@ def test_rerun_is_a_no_op_and_one_target_can_be_rebuilt(workflow_run):
     one = _run(tmp_path, config, str(target), "--forcerun", "isr")
     assert "isr" in one.stdout + one.stderr
     assert target.stat().st_mtime_ns > before
+
+
+def test_single_visit_template_mode(sim_test_dir, tmp_path):
+    """templates.mode: single differences against the best-covering template visit."""
+    from astropy.io import fits
+
+    config = _config(sim_test_dir, tmp_path, visits=[419802, 411371, 411372], detectors=[25])
+    text = config.read_text().replace("templates:\n  visits:", "templates:\n  mode: single\n  visits:")
+    config.write_text(text)
+    target = tmp_path / "out" / "diaSrc" / "419802" / "diaSrc_419802_25.parquet"
+    _run(tmp_path, config, str(target))
+    header = fits.getheader(tmp_path / "out" / "template" / "419802" / "template_419802_25.fits")
+    assert header["TMPLKIND"] == "visit" and int(header["INVISITS"]) in (411371, 411372)
+    assert float(header["TMPLCOV"]) > 0.5
+    assert len(pd.read_parquet(target)) > 0
+    assert not (tmp_path / "out" / "coadd").exists()

@@ -1475,3 +1475,32 @@ def single_visit_template(calexp: Exposure, template_calexp: Exposure, grid_spac
     out.metadata = {"TMPLCOV": float((~nodata).mean()), "TMPLKIND": "visit",
                     "INVISITS": str(template_calexp.visit_info.visit)}
     return out
+
+
+def best_single_visit_template(calexp: Exposure, candidates: list[Exposure], min_gain: float = 0.05) -> Exposure:
+    """The single-visit template option: of the template visits' calexps (``candidates``,
+    any number of CCDs per visit), the visit whose CCDs, warped onto ``calexp``'s grid
+    and merged, cover it best; among visits within ``min_gain`` of the best coverage, the
+    one with the narrowest PSF. Metadata as ``single_visit_template`` (``TMPLKIND`` =
+    "visit"); a visit's CCDs never overlap, so merging them only fills the grid.
+
+    A template from one visit has one PSF everywhere (a coadd of several seeings does not),
+    at the price of more noise.
+    """
+    if not candidates:
+        raise TemplateError(f"best_single_visit_template: no template calexp for {calexp.data_id}")
+    by_visit: dict[int, list[Exposure]] = {}
+    for exp in candidates:
+        by_visit.setdefault(int(exp.visit_info.visit), []).append(exp)
+    options = []
+    for visit, exposures in sorted(by_visit.items()):
+        merged = merge_warps((single_visit_template(calexp, e) for e in exposures), calexp)
+        coverage = float(merged.metadata.get("TMPLCOV", 0.0))
+        fwhm = _psf_sigma_at_centre(merged) if merged.psf is not None and coverage > 0 else float("inf")
+        options.append((coverage, fwhm, visit, merged))
+    best_cov = max(o[0] for o in options)
+    coverage, _, visit, merged = min((o for o in options if o[0] >= best_cov - min_gain), key=lambda o: o[1])
+    merged.metadata.update({"TMPLKIND": "visit", "INVISITS": str(visit), "TMPLCOV": round(coverage, 5)})
+    log.info("single-visit template for %s: visit %d, coverage %.3f (candidates %s)", calexp.data_id, visit,
+             coverage, {o[2]: round(o[0], 3) for o in options})
+    return merged
