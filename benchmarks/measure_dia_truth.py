@@ -1,6 +1,6 @@
 """Difference-imaging and DIA-source quality against the simulator's truth.
 
-    python benchmarks/measure_dia_truth.py [PRESET ...]      (default: dense demo)
+    python benchmarks/measure_dia_truth.py [--template-mode single] [PRESET ...]   (default: dense demo)
 
 For each preset: simulate the night (once, under benchmarks/out/), run the workflow on it
 with 2 cores, then match every science data ID's diaSrc to the truth and print:
@@ -24,13 +24,14 @@ from _measure import ensure_night
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_workflow(preset: str) -> tuple[Path, Path, dict]:
+def run_workflow(preset: str, template_mode: str = "coadd") -> tuple[Path, Path, dict]:
     night = ensure_night(preset)
     summary = json.loads((night / "sim_summary.json").read_text())
-    work = REPO / "benchmarks" / "out" / f"workflow_{preset}"
+    work = REPO / "benchmarks" / "out" / (f"workflow_{preset}" + ("" if template_mode == "coadd" else f"_{template_mode}"))
     work.mkdir(parents=True, exist_ok=True)
     config = {"simulate": None, "raw": str(night / "raw"), "calibs": str(night / "calib"),
-              "refcat": str(night / "refcat.parquet"), "templates": {"visits": summary["template_visits"]},
+              "refcat": str(night / "refcat.parquet"),
+              "templates": {"visits": summary["template_visits"], "mode": template_mode},
               "outdir": str(work / "out")}
     (work / "config.yaml").write_text(yaml.safe_dump(config))
     subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
@@ -39,11 +40,11 @@ def run_workflow(preset: str) -> tuple[Path, Path, dict]:
     return night, work / "out", summary
 
 
-def main(presets: list[str]) -> None:
+def main(presets: list[str], template_mode: str = "coadd") -> None:
     from apsnake.sim.evaluate import evaluate_data_id, static_star_residuals, summarise
 
     for preset in presets:
-        night, out, summary = run_workflow(preset)
+        night, out, summary = run_workflow(preset, template_mode)
         results, residuals = [], []
         for visit in summary["science_visits"]:
             for detector in summary["ccds"]:
@@ -54,10 +55,14 @@ def main(presets: list[str]) -> None:
         metrics["static_star_normalised_rms_median"] = float(np.median(rms)) if rms.size else float("nan")
         metrics["static_star_normalised_rms_mean"] = float(np.mean(rms)) if rms.size else float("nan")
         metrics["n_static_stars"] = int(rms.size)
-        print(f"\n== preset {preset}: {len(results)} CCD-visits ==")
+        print(f"\n== preset {preset}, templates {template_mode}: {len(results)} CCD-visits ==")
         for key, value in metrics.items():
             print(f"{key:48s} {value}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["dense", "demo"])
+    args = sys.argv[1:]
+    mode = "coadd"
+    if args[:1] == ["--template-mode"]:
+        mode, args = args[1], args[2:]
+    main(args or ["dense", "demo"], mode)
