@@ -69,7 +69,6 @@ def test_full_run_builds_registry_and_postisr(workflow_run, sim_test_dir):
         for name, ext in (("template", "fits"), ("diffexp", "fits"), ("diffexp", "json"), ("diaSrc", "parquet")):
             assert (out / name / str(visit_) / f"{name}_{visit_}_{detector_:02d}.{ext}").exists(), (name, visit_)
     assert not (out / "diaSrc" / "411371").exists()  # template visits are not differenced
-    assert list((out / "coadd" / "g").glob("*.fits"))
     dia_sources = pd.read_parquet(out / "diaSrc" / str(visit_) / f"diaSrc_{visit_}_{detector_:02d}.parquet")
     assert len(dia_sources) > 0 and dia_sources["diaObjectId"].isna().all()
     assert dia_sources["diaSourceId"].is_unique and (dia_sources["visit"] == visit_).all()
@@ -117,17 +116,28 @@ def test_rerun_is_a_no_op_and_one_target_can_be_rebuilt(workflow_run):
     assert target.stat().st_mtime_ns > before
 
 
-def test_single_visit_template_mode(sim_test_dir, tmp_path):
-    """templates.mode: single differences against the best-covering template visit."""
+def test_default_template_is_the_best_single_visit(workflow_run):
     from astropy.io import fits
 
-    config = _config(sim_test_dir, tmp_path, visits=[419802, 411371, 411372], detectors=[25])
-    text = config.read_text().replace("templates:\n  visits:", "templates:\n  mode: single\n  visits:")
-    config.write_text(text)
-    target = tmp_path / "out" / "diaSrc" / "419802" / "diaSrc_419802_25.parquet"
-    _run(tmp_path, config, str(target))
+    tmp_path = workflow_run[0]
     header = fits.getheader(tmp_path / "out" / "template" / "419802" / "template_419802_25.fits")
     assert header["TMPLKIND"] == "visit" and int(header["INVISITS"]) in (411371, 411372)
     assert float(header["TMPLCOV"]) > 0.5
-    assert len(pd.read_parquet(target)) > 0
     assert not (tmp_path / "out" / "coadd").exists()
+
+
+def test_coadd_template_mode(sim_test_dir, tmp_path):
+    """templates.mode: coadd builds sky-cell coadds of the template visits and warps them."""
+    from astropy.io import fits
+
+    config = _config(sim_test_dir, tmp_path)
+    text = config.read_text().replace("templates:\n  visits:", "templates:\n  mode: coadd\n  visits:")
+    config.write_text(text)
+    target = tmp_path / "out" / "diaSrc" / "419802" / "diaSrc_419802_25.parquet"
+    _run(tmp_path, config, str(target))
+    cells = list((tmp_path / "out" / "coadd" / "g").glob("*.fits"))
+    assert cells
+    assert fits.getheader(cells[0])["NINPUTS"] >= 1
+    header = fits.getheader(tmp_path / "out" / "template" / "419802" / "template_419802_25.fits")
+    assert header["TMPLKIND"] == "coadd" and float(header["TMPLCOV"]) > 0.5
+    assert len(pd.read_parquet(target)) > 0
