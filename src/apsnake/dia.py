@@ -176,14 +176,9 @@ def config_from_options(options: dict | None) -> DiaConfig:
     DiaError
         For a key that is not a ``DiaConfig`` field.
     """
-    from dataclasses import fields
+    from apsnake.options import dataclass_from_options
 
-    options = dict(options or {})
-    known = {f.name for f in fields(DiaConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise DiaError(f"unknown dia option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return DiaConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+    return dataclass_from_options(DiaConfig, options, "dia", DiaError)
 
 
 # Pixel flags of the DiaSource schema: column suffix -> mask plane (footprint and Center).

@@ -297,14 +297,9 @@ def config_from_options(options: dict | None) -> DiffimConfig:
     DiffimError
         For a key that is not a ``DiffimConfig`` field, or invalid values.
     """
-    from dataclasses import fields
+    from apsnake.options import dataclass_from_options
 
-    options = dict(options or {})
-    known = {f.name for f in fields(DiffimConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise DiffimError(f"unknown diffim option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return DiffimConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+    return dataclass_from_options(DiffimConfig, options, "diffim", DiffimError)
 
 
 def skipped_difference(science: Exposure, reason: str) -> Exposure:
