@@ -1492,15 +1492,28 @@ def best_single_visit_template(calexp: Exposure, candidates: list[Exposure], min
     by_visit: dict[int, list[Exposure]] = {}
     for exp in candidates:
         by_visit.setdefault(int(exp.visit_info.visit), []).append(exp)
+    # Coverage of each visit from a coarse grid of the calexp's pixels mapped into its CCDs
+    # (cheap), so that only the chosen visit is warped.
+    ny, nx = calexp.shape
+    gy, gx = np.mgrid[0:ny:32, 0:nx:32]
+    ra, dec = calexp.wcs.all_pix2world(gx.ravel().astype(float), gy.ravel().astype(float), 0)
     options = []
     for visit, exposures in sorted(by_visit.items()):
-        merged = merge_warps((single_visit_template(calexp, e) for e in exposures), calexp)
-        coverage = float(merged.metadata.get("TMPLCOV", 0.0))
-        fwhm = _psf_sigma_at_centre(merged) if merged.psf is not None and coverage > 0 else float("inf")
-        options.append((coverage, fwhm, visit, merged))
+        covered = np.zeros(ra.size, bool)
+        for exp in exposures:
+            x, y = exp.wcs.all_world2pix(ra, dec, 0, quiet=True)
+            inside = (x >= 3) & (x < exp.shape[1] - 3) & (y >= 3) & (y < exp.shape[0] - 3)
+            ix, iy = np.round(x[inside]).astype(int), np.round(y[inside]).astype(int)
+            ok = np.zeros(ra.size, bool)
+            ok[np.flatnonzero(inside)] = ~exp.mask_of("NO_DATA")[iy, ix]
+            covered |= ok
+        sigma = min((_psf_sigma_at_centre(e) for e in exposures if e.psf is not None), default=float("inf"))
+        options.append((float(covered.mean()), sigma, visit))
     best_cov = max(o[0] for o in options)
-    coverage, _, visit, merged = min((o for o in options if o[0] >= best_cov - min_gain), key=lambda o: o[1])
-    merged.metadata.update({"TMPLKIND": "visit", "INVISITS": str(visit), "TMPLCOV": round(coverage, 5)})
-    log.info("single-visit template for %s: visit %d, coverage %.3f (candidates %s)", calexp.data_id, visit,
+    _, _, visit = min((o for o in options if o[0] >= best_cov - min_gain), key=lambda o: o[1])
+    merged = merge_warps((single_visit_template(calexp, e) for e in by_visit[visit]), calexp)
+    coverage = float(merged.metadata.get("TMPLCOV", 0.0))
+    log.info("single-visit template for %s: visit %d, coverage %.3f (estimated per visit %s)", calexp.data_id, visit,
              coverage, {o[2]: round(o[0], 3) for o in options})
+    merged.metadata.update({"TMPLKIND": "visit", "INVISITS": str(visit), "TMPLCOV": round(coverage, 5)})
     return merged
