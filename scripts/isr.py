@@ -15,7 +15,10 @@ options = snakemake.params.options
 with workflow_step("isr", snakemake.log[0], f"visit={visit} detector={detector}"):
     if calibs.get("error"):
         raise isr.IsrInputError(calibs["error"])
-    raw = decam.read_raw_ccd(snakemake.input.raw, detector)
+    # The CCD and its crosstalk sources present in the same file, read in one open.
+    sources = decam.crosstalk_source_ccds(detector) if options["crosstalk"] else []
+    ccds = decam.read_raw_ccds(snakemake.input.raw, [detector, *sources], optional=sources)
+    raw = ccds.pop(detector)
     bias, _, _ = decam.read_master_calibration(snakemake.input.bias, detector, calibs["bias_hdu"])
     flat, flat_primary, _ = decam.read_master_calibration(snakemake.input.flat, detector, calibs["flat_hdu"])
     bpm = None
@@ -24,9 +27,8 @@ with workflow_step("isr", snakemake.log[0], f"visit={visit} detector={detector}"
     linearity = None
     if options["linearity"]:
         linearity = decam.read_linearity_table(options["linearity"], detector)
-    sources = decam.read_crosstalk_source_ccds(snakemake.input.raw, detector) if options["crosstalk"] else []
     result = isr.run_isr(
-        raw, bias, flat, bpm, crosstalk_source_ccds=sources, linearity=linearity,
+        raw, bias, flat, bpm, crosstalk_source_ccds=list(ccds.values()), linearity=linearity,
         config=isr.IsrConfig(
             do_crosstalk=options["crosstalk"],
             saturation_source=options["saturation_source"],

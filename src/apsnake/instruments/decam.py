@@ -663,30 +663,49 @@ def find_ccd_hdu(hdul, ccdnum: int) -> int:
     raise RawFormatError(f"no extension with CCDNUM = {ccdnum}")
 
 
-def read_raw_ccd(path: str | Path, ccdnum: int) -> RawCcd:
-    """Read one science CCD of a raw DECam file (``.fits`` or tile-compressed ``.fits.fz``).
+def read_raw_ccds(path: str | Path, ccdnums, optional=()) -> dict[int, RawCcd]:
+    """Read several science CCDs of one raw DECam file in a single open.
 
-    The extension is found by CCDNUM, never by position. Raises ``RawFormatError``
-    naming the file and the problem (not FITS, CCD absent, wrong size, truncated data).
+    Extensions are found by CCDNUM, never by position. CCDs in ``optional`` (e.g.
+    crosstalk sources) are skipped when absent from the file; any other problem (not
+    FITS, CCD absent, wrong size, truncated data) raises ``RawFormatError`` naming the
+    file and the problem.
     """
     from astropy.io import fits
 
     path = Path(path)
+    optional = set(optional)
+    out: dict[int, RawCcd] = {}
+    current = None
     try:
         with fits.open(path, memmap=False) as hdul:
-            idx = find_ccd_hdu(hdul, ccdnum)
-            hdu = hdul[idx]
-            data = hdu.data
             primary = hdul[0].header.copy()
-            header = hdu.header.copy()
+            for ccdnum in ccdnums:
+                current = ccdnum
+                try:
+                    idx = find_ccd_hdu(hdul, ccdnum)
+                except RawFormatError:
+                    if ccdnum in optional:
+                        log.debug("%s: optional CCD %d not in the file", path, ccdnum)
+                        continue
+                    raise
+                data = hdul[idx].data
+                if data is None or data.shape != RAW_SHAPE:
+                    shape = None if data is None else data.shape
+                    raise RawFormatError(f"CCD {ccdnum} has shape {shape}, expected {RAW_SHAPE}")
+                out[ccdnum] = RawCcd(path=path, hdu=idx, primary_header=primary,
+                                     header=hdul[idx].header.copy(), data=data)
     except RawFormatError as err:
         raise RawFormatError(f"{path}: {err}") from None
     except (OSError, ValueError, TypeError, IndexError) as err:
-        raise RawFormatError(f"{path}: cannot read CCD {ccdnum}: {err}") from err
-    if data is None or data.shape != RAW_SHAPE:
-        shape = None if data is None else data.shape
-        raise RawFormatError(f"{path}: CCD {ccdnum} has shape {shape}, expected {RAW_SHAPE}")
-    return RawCcd(path=path, hdu=idx, primary_header=primary, header=header, data=data)
+        raise RawFormatError(f"{path}: cannot read CCD {current}: {err}") from err
+    return out
+
+
+def read_raw_ccd(path: str | Path, ccdnum: int) -> RawCcd:
+    """Read one science CCD of a raw DECam file (``.fits`` or tile-compressed ``.fits.fz``);
+    see ``read_raw_ccds``."""
+    return read_raw_ccds(path, [ccdnum])[ccdnum]
 
 
 def raw_wcs(header):
@@ -740,17 +759,9 @@ def read_master_calibration(path: str | Path, ccdnum: int, hdu: int | None = Non
     return data, primary, header
 
 
-def read_crosstalk_source_ccds(path: str | Path, victim_ccd: int) -> list[RawCcd]:
-    """The other CCDs of the same raw file that are inter-CCD crosstalk sources for
-    ``victim_ccd`` (those absent from the file are skipped)."""
-    wanted = sorted({t.source_ccd for t in crosstalk_sources(victim_ccd) if t.source_ccd != victim_ccd})
-    found = []
-    for ccdnum in wanted:
-        try:
-            found.append(read_raw_ccd(path, ccdnum))
-        except RawFormatError:
-            log.debug("%s: crosstalk source CCD %d not in the file", path, ccdnum)
-    return found
+def crosstalk_source_ccds(victim_ccd: int) -> list[int]:
+    """The other CCDs that are inter-CCD crosstalk sources for ``victim_ccd``."""
+    return sorted({t.source_ccd for t in crosstalk_sources(victim_ccd) if t.source_ccd != victim_ccd})
 
 
 def read_linearity_table(path: str | Path, ccdnum: int) -> np.ndarray:
