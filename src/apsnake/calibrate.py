@@ -80,10 +80,6 @@ class CalibrateResult:
     metadata: dict
 
 
-def _bits(exposure: Exposure, *names) -> np.ndarray:
-    return exposure.mask_of(*names)
-
-
 def _stellar_sigma(table, default_sigma: float) -> float:
     """PSF sigma (pixels) from the second moments of bright, clean, compact sources."""
     if len(table) == 0:
@@ -125,7 +121,7 @@ def calibrate_exposure(post_isr: Exposure, refcat, config: CalibrateConfig | Non
     data_id = f"data ID (visit={visit}, detector={detector})"
     if exp.wcs is None:
         raise CalibrationError(f"{data_id}: postISR exposure has no initial WCS")
-    ignore = _bits(exp, "BAD", "SAT", "NO_DATA", "EDGE")
+    ignore = exp.mask_of("BAD", "SAT", "NO_DATA", "EDGE")
 
     # Background, pass 1 (bright sources inflate it a little; pass 2 masks detections).
     bkg = estimate_background(exp.image, ignore, config.background)
@@ -139,7 +135,7 @@ def calibrate_exposure(post_isr: Exposure, refcat, config: CalibrateConfig | Non
     sigma = _stellar_sigma(first, sigma)
 
     # Cosmic rays: masked CR and interpolated along rows (Rubin keepCRs=True keeps the mask).
-    crs = find_cosmic_rays(sub, exp.variance, sigma, bad=_bits(exp, "BAD", "SAT", "INTRP"), config=config.cosmic_rays)
+    crs = find_cosmic_rays(sub, exp.variance, sigma, bad=exp.mask_of("BAD", "SAT", "INTRP"), config=config.cosmic_rays)
     exp.set_mask("CR", crs)
     if crs.any():
         exp.image = interpolate_rows(exp.image, crs, float(np.median(bkg.image)))
@@ -152,7 +148,7 @@ def calibrate_exposure(post_isr: Exposure, refcat, config: CalibrateConfig | Non
 
     from apsnake.detection import smooth_for_detection
 
-    det_bad = _bits(exp, "BAD", "NO_DATA")
+    det_bad = exp.mask_of("BAD", "NO_DATA")
     smooth, noise = smooth_for_detection(sub, exp.variance, det_bad, sigma)
     _, detected = detect_and_measure(sub, exp.variance, exp.mask, exp.mask_planes, sigma, config.detection,
                                      smoothed=(smooth, noise))
@@ -177,7 +173,7 @@ def calibrate_exposure(post_isr: Exposure, refcat, config: CalibrateConfig | Non
     try:
         chosen = psf.select_psf_stars(sources["x"].to_numpy(), sources["y"].to_numpy(), sources["isoFlux"].to_numpy(),
                                       sources["snr"].to_numpy(), size, flags, config.psf)
-        bad_pixels = _bits(exp, "BAD", "SAT", "CR", "NO_DATA")
+        bad_pixels = exp.mask_of("BAD", "SAT", "CR", "NO_DATA")
         fit = psf.fit_psf(exp.image, exp.variance, bad_pixels, sources["x"].to_numpy()[chosen],
                           sources["y"].to_numpy()[chosen], config.psf)
     except psf.PsfError as err:
@@ -237,7 +233,7 @@ def calibrate_exposure(post_isr: Exposure, refcat, config: CalibrateConfig | Non
     exp.image = exp.image * scale
     exp.variance = exp.variance * scale * scale
     exp.unit = "nJy"
-    exp.photo_calib = PhotoCalib(1.0, zp.err * 0.921 * 1.0)
+    exp.photo_calib = PhotoCalib(1.0, 0.921 * zp.err)  # fractional error of the scale: 0.4 ln(10) dm
     for col in ("psfFlux", "psfFluxErr", "apFlux", "apFluxErr", "isoFlux"):
         sources[col] = sources[col] * float(scale)
     sources.insert(0, "id", np.arange(len(sources), dtype=np.int64))
