@@ -6,7 +6,9 @@ import pytest
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from apsnake import isr, psf, registry
+from sim_inputs import isr_inputs
+
+from apsnake import isr, psf
 from apsnake import refcat as refcat_io
 from apsnake.calibrate import CalibrateConfig, CalibrationError, calibrate_exposure
 from apsnake.detection import find_cosmic_rays
@@ -14,11 +16,7 @@ from apsnake.instruments import decam
 
 
 def _post_isr(sim_dir, visit, ccd):
-    reg = registry.build_registry(registry.find_input_files(sim_dir / "raw"), registry.find_input_files(sim_dir / "calib"))
-    row = reg.exposures[(reg.exposures["visit"] == visit) & (reg.exposures["detector"] == ccd)].iloc[0]
-    chosen = registry.select_calibrations(reg.calibs, row)
-    calib = {k: decam.read_master_calibration(chosen[k][0], ccd, chosen[k][1])[0] for k in ("bias", "flat", "bpm")}
-    raw = decam.read_raw_ccd(row["raw_path"], ccd)
+    raw, calib = isr_inputs(sim_dir, visit, ccd)
     return isr.run_isr(raw, calib["bias"], calib["flat"], calib["bpm"], flat_band="g").exposure
 
 

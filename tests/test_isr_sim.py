@@ -5,7 +5,9 @@ import pandas as pd
 import pytest
 import sep
 
-from apsnake import isr, registry
+from sim_inputs import isr_inputs
+
+from apsnake import isr
 from apsnake.instruments import decam
 
 VISIT = 419803  # the worse-seeing science visit of the test preset
@@ -14,14 +16,8 @@ VISIT = 419803  # the worse-seeing science visit of the test preset
 @pytest.fixture(scope="module", params=[25, 32], ids=["S1", "N1"])
 def processed(request, sim_test_dir):
     ccd = request.param
-    reg = registry.build_registry(registry.find_input_files(sim_test_dir / "raw"),
-                                  registry.find_input_files(sim_test_dir / "calib"))
-    row = reg.exposures[(reg.exposures["visit"] == VISIT) & (reg.exposures["detector"] == ccd)].iloc[0]
-    chosen = registry.select_calibrations(reg.calibs, row)
-    raw = decam.read_raw_ccd(row["raw_path"], ccd)
-    bias = decam.read_master_calibration(*chosen["bias"][:1], ccd, chosen["bias"][1])[0]
-    flat = decam.read_master_calibration(chosen["flat"][0], ccd, chosen["flat"][1])[0]
-    bpm = decam.read_master_calibration(chosen["bpm"][0], ccd, chosen["bpm"][1])[0]
+    raw, calibs = isr_inputs(sim_test_dir, VISIT, ccd)
+    bias, flat, bpm = calibs["bias"], calibs["flat"], calibs["bpm"]
     result = isr.run_isr(raw, bias, flat, bpm, flat_band="g")
     no_xtalk = isr.run_isr(raw, bias, flat, bpm, flat_band="g", config=isr.IsrConfig(do_crosstalk=False))
     visits = pd.read_parquet(sim_test_dir / "truth" / "visits.parquet").set_index("visit")
@@ -79,10 +75,12 @@ def test_crosstalk_ghosts_removed(processed):
     residual = np.median((processed["exp"].image - back)[ghost])
     assert raw_amplitude > 4.0
     assert abs(residual) < 0.1 * raw_amplitude
-    # CROSSTALK marks victims of sources above 45000 ADU (Rubin minPixelToMask); S1's amps
-    # saturate below that, N1's amp A above it.
-    amps = decam.ccd_info(processed["ccd"]).amps
-    can_exceed = max(a.saturation for a in amps.values()) - 3000 > isr.IsrConfig().crosstalk_min_pixel_to_mask
+    # CROSSTALK marks victims of sources above 45000 ADU overscan-subtracted (Rubin
+    # minPixelToMask): S1's amps saturate below that, N1's amp A above it.
+    raw, levels = processed["raw"], processed["result"].metadata["amps"]
+    brightest = max(float(raw.data[geom.data.slices].max()) - levels[amp]["overscan_level_adu"]
+                    for amp, geom in decam.amp_geometry(raw.header).items())
+    can_exceed = brightest > isr.IsrConfig().crosstalk_min_pixel_to_mask
     assert processed["exp"].mask_of("CROSSTALK").any() == can_exceed
 
 
@@ -119,3 +117,15 @@ def test_truncated_raw_and_nan_pixels_fail_with_the_file_and_reason(sim_test_dir
     flat = np.ones(decam.TRIMMED_SHAPE, np.float32)
     with pytest.raises(isr.IsrInputError, match=r"visit=\d+, detector=25\).*NaN"):
         isr.run_isr(raw, np.zeros(decam.TRIMMED_SHAPE, np.float32), flat, None)
+
+
+def test_several_ccds_read_in_one_open(sim_test_dir):
+    raw_path = sorted((sim_test_dir / "raw").glob("*.fits.fz"))[-1]
+    both = decam.read_raw_ccds(raw_path, [25, 32, 27], optional=[27])  # S3 is not simulated
+    assert sorted(both) == [25, 32]
+    for ccd in (25, 32):
+        one = decam.read_raw_ccd(raw_path, ccd)
+        assert one.hdu == both[ccd].hdu and np.array_equal(one.data, both[ccd].data)
+    with pytest.raises(decam.RawFormatError, match="no extension with CCDNUM = 27"):
+        decam.read_raw_ccds(raw_path, [25, 27])
+    assert decam.crosstalk_source_ccds(25) == [27]
