@@ -194,7 +194,7 @@ _OFFSETS_3X3 = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
 
 # ---------------------------------------------------------------------------
 # Small helpers.
-def _njy_per_unit(exposure: Exposure, what: str) -> float:
+def njy_per_unit(exposure: Exposure, what: str) -> float:
     """Factor from the exposure's image unit to nJy."""
     if exposure.photo_calib is not None and np.isfinite(exposure.photo_calib.calibration):
         return float(exposure.photo_calib.calibration)
@@ -204,7 +204,7 @@ def _njy_per_unit(exposure: Exposure, what: str) -> float:
                    "cannot express fluxes in nJy")
 
 
-def _bad_pixels(exposure: Exposure, planes) -> np.ndarray:
+def bad_pixels(exposure: Exposure, planes) -> np.ndarray:
     """Masked planes, non-finite values or non-positive variance."""
     return (exposure.mask_of(*planes) | ~np.isfinite(exposure.image) | ~(exposure.variance > 0))
 
@@ -573,12 +573,12 @@ def detect_dia_sources(difference: Exposure, science: Exposure | None, matched_t
     image = np.asarray(difference.image)
     variance = np.asarray(difference.variance)
     ny, nx = image.shape
-    calib_d = _njy_per_unit(difference, "difference image")
+    calib_d = njy_per_unit(difference, "difference image")
     psf_d = difference.psf
     sigma = _psf_sigma(psf_d, (nx - 1) / 2.0, (ny - 1) / 2.0)
 
     # 1. Detection: matched filter, both signs, grow and merge.
-    bad_det = _bad_pixels(difference, cfg.detection_bad_planes)
+    bad_det = bad_pixels(difference, cfg.detection_bad_planes)
     smooth, noise = smooth_for_detection(image, variance, bad_det, sigma)
     with np.errstate(divide="ignore", invalid="ignore"):
         signif = np.where((noise > 0) & np.isfinite(noise), smooth / noise, 0.0).astype(np.float32)
@@ -618,9 +618,9 @@ def detect_dia_sources(difference: Exposure, science: Exposure | None, matched_t
 
     # 3. Dipole fits.
     same = tuple(cfg.measure_bad_planes) == tuple(cfg.detection_bad_planes)
-    bad_meas_d = bad_det if same else _bad_pixels(difference, cfg.measure_bad_planes)
-    bad_s = _bad_pixels(science, cfg.measure_bad_planes) if science is not None else None
-    bad_t = _bad_pixels(matched_template, cfg.measure_bad_planes) if matched_template is not None else None
+    bad_meas_d = bad_det if same else bad_pixels(difference, cfg.measure_bad_planes)
+    bad_s = bad_pixels(science, cfg.measure_bad_planes) if science is not None else None
+    bad_t = bad_pixels(matched_template, cfg.measure_bad_planes) if matched_template is not None else None
     dip = _dipoles(difference, science, matched_template, cfg, labels, slices, area, has_pos & has_neg,
                    (xp, yp), (xn, yn), sigma, bad_meas_d, bad_s, bad_t)
     use_mid = dip["isDipole"]
@@ -633,7 +633,7 @@ def detect_dia_sources(difference: Exposure, science: Exposure | None, matched_t
     cols: dict[str, np.ndarray] = {}
     cols.update(_psf_photometry(difference, bad_meas_d, x, y, calib_d, ""))
     if science is not None:
-        forced = _psf_photometry(science, bad_s, x, y, _njy_per_unit(science, "science image"), "forced_")
+        forced = _psf_photometry(science, bad_s, x, y, njy_per_unit(science, "science image"), "forced_")
         cols["scienceFlux"], cols["scienceFluxErr"] = forced.pop("forced_psfFlux"), forced.pop("forced_psfFluxErr")
         cols["forced_PsfFlux_flag"] = forced["forced_psfFlux_flag"]
         cols["forced_PsfFlux_flag_edge"] = forced["forced_psfFlux_flag_edge"]
@@ -642,7 +642,7 @@ def detect_dia_sources(difference: Exposure, science: Exposure | None, matched_t
         tmpl = matched_template
         if tmpl.psf is None:  # PSF-matched to the science image: it has the science PSF
             tmpl = replace(tmpl, psf=science.psf if science is not None else psf_d)
-        forced = _psf_photometry(tmpl, bad_t, x, y, _njy_per_unit(tmpl, "matched template"), "t_")
+        forced = _psf_photometry(tmpl, bad_t, x, y, njy_per_unit(tmpl, "matched template"), "t_")
         cols["templateFlux"], cols["templateFluxErr"] = forced["t_psfFlux"], forced["t_psfFluxErr"]
     cols.update(_aperture_photometry(image, variance, bad_meas_d, x, y, cfg.aperture_radius, calib_d))
     flags, drop_any, drop_all = _pixel_flags(difference, labels, fp_idx, fp_lab, n, x, y, cfg)
@@ -912,11 +912,11 @@ def _dipoles(difference, science, template, cfg, labels, slices, area, candidate
         return res
     diff = (difference.image, difference.variance, ~bad_d)
     sci = tmpl = None
-    calib_d = _njy_per_unit(difference, "difference image")
-    if science is not None and not np.isclose(_njy_per_unit(science, "science image"), calib_d):
+    calib_d = njy_per_unit(difference, "difference image")
+    if science is not None and not np.isclose(njy_per_unit(science, "science image"), calib_d):
         log.warning("science image and difference image units differ: dipole fits use the difference only")
         science = None
-    if template is not None and not np.isclose(_njy_per_unit(template, "matched template"), calib_d):
+    if template is not None and not np.isclose(njy_per_unit(template, "matched template"), calib_d):
         log.warning("template and difference image units differ: dipole fits use the difference only")
         template = None
     if science is not None:

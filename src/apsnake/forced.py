@@ -1,0 +1,96 @@
+"""Forced photometry of DiaObjects on one data ID (ALGORITHMS.md section 4.6, our decision).
+
+Rubin measures only objects with two or more good DiaSources; we measure every DiaObject
+whose position lies on the difference image with template coverage, so that a light curve has
+a point (detection or not) at every visit that saw the position. Each measurement is a linear
+PSF fit at the fixed object position (``apsnake.psf.psf_flux``): on the difference image
+(``psfFlux``, the "fp" flux of DiaObject summaries) and on the calexp (``scienceFlux``), both in
+nJy. Positions whose centre pixel has no template coverage (NO_DATA) or lies off the image are
+not measured (there is nothing to measure, so no row is written).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from apsnake import schema
+from apsnake.dia import bad_pixels, njy_per_unit
+from apsnake.exposure import Exposure
+from apsnake.ids import dia_source_ids
+from apsnake.psf import psf_flux
+
+#: Mask planes whose pixels are left out of the fits (as for DiaSource measurement).
+MEASURE_BAD_PLANES = ("BAD", "NO_DATA")
+
+
+def _now_mjd_tai() -> float:
+    from astropy.time import Time
+
+    return float(Time(time.time(), format="unix").tai.mjd)
+
+
+def forced_photometry(difference: Exposure, science: Exposure, object_ids, ra_deg, dec_deg,
+                      time_processed_mjd: float | None = None) -> pa.Table:
+    """DiaForcedSource rows of one data ID, one per measurable object, sorted by diaObjectId.
+
+    Parameters
+    ----------
+    difference, science : Exposure
+        The difference image and the calexp of the data ID, on the same pixel grid (nJy).
+    object_ids : array_like of int
+        diaObjectId of each object to measure.
+    ra_deg, dec_deg : array_like of float
+        Their current positions, degrees (ICRS).
+    time_processed_mjd : float, optional
+        ``timeProcessedMjdTai`` (MJD, TAI); default now.
+
+    Returns
+    -------
+    pyarrow.Table
+        Conforming to the DiaForcedSource schema; ``diaForcedSourceId`` packs (visit,
+        detector, running index in diaObjectId order) like a diaSourceId.
+    """
+    if difference.shape != science.shape:
+        raise ValueError(f"data ID {difference.data_id}: difference {difference.shape} and calexp "
+                         f"{science.shape} differ in shape")
+    ids = np.asarray(object_ids, dtype=np.int64)
+    ra = np.asarray(ra_deg, dtype=float)
+    dec = np.asarray(dec_deg, dtype=float)
+    order = np.argsort(ids, kind="stable")
+    ids, ra, dec = ids[order], ra[order], dec[order]
+    if len(ids):
+        x, y = difference.wcs.all_world2pix(ra, dec, 0)
+    else:
+        x = y = np.zeros(0)
+    ny, nx = difference.shape
+    ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
+    on_image = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
+    covered = np.zeros(len(ids), bool)
+    covered[on_image] = ~difference.mask_of("NO_DATA")[iy[on_image], ix[on_image]]
+    ids, ra, dec, x, y = ids[covered], ra[covered], dec[covered], x[covered], y[covered]
+
+    visit, detector = difference.data_id
+    info = difference.visit_info
+    columns = {
+        "diaForcedSourceId": dia_source_ids(visit, detector, len(ids)),
+        "diaObjectId": ids, "ra": ra, "dec": dec,
+        "visit": np.full(len(ids), visit, np.int64), "detector": np.full(len(ids), detector, np.int32),
+        "midpointMjdTai": np.full(len(ids), info.mjd_mid_tai),
+        "band": np.full(len(ids), info.band, object),
+        "timeProcessedMjdTai": np.full(len(ids), _now_mjd_tai() if time_processed_mjd is None
+                                       else float(time_processed_mjd)),
+    }
+    for exposure, prefix, what in ((difference, "psfFlux", "difference image"), (science, "scienceFlux", "calexp")):
+        if len(ids):
+            flux, err, _, ndata = psf_flux(exposure.image, exposure.variance, exposure.psf, x, y,
+                                           bad_pixels(exposure, MEASURE_BAD_PLANES))
+            calib = njy_per_unit(exposure, what)
+            flux = np.where(ndata > 0, flux * calib, np.nan)
+            err = np.where(ndata > 0, err * abs(calib), np.nan)
+        else:
+            flux = err = np.zeros(0)
+        columns[prefix], columns[f"{prefix}Err"] = flux, err
+    return schema.conform(columns, "DiaForcedSource")

@@ -1,0 +1,167 @@
+"""Sky cells for association ordering (ARCHITECTURE.md section 5).
+
+The sky is cut into nested HEALPix pixels ("cells") at ``order`` (``nside = 2**order``); at the
+default order 9 a cell is about 6.9 arcmin across, smaller than a DECam CCD (9 x 18 arcmin).
+Each data ID touches the cells under its footprint, padded by the association radius plus the
+uncertainty of the raw pointing. For every cell, the data IDs touching it, sorted by
+(MJD, visit, detector), form a chain; the association of a data ID runs after its predecessor in
+every chain it belongs to. Data IDs that share no cell associate in parallel.
+
+Everything here works from the registry (footprint corners from the raw header WCS), so the
+order is known before any job runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DEFAULT_ORDER = 9
+#: Pointing error of a raw header WCS that the padding must absorb (arcsec); our astrometric
+#: matcher tolerates 90 arcsec, real DECam raws are usually within 20 arcsec.
+DEFAULT_PAD_ARCSEC = 60.0
+
+
+def _healpix(order: int):
+    from astropy_healpix import HEALPix
+
+    if not 0 <= int(order) <= 29:
+        raise ValueError(f"HEALPix order {order} outside 0..29")
+    return HEALPix(nside=2 ** int(order), order="nested")
+
+
+def cell_size_arcsec(order: int) -> float:
+    """Typical side of a cell at ``order`` (square root of its area), arcsec."""
+    return float(_healpix(order).pixel_resolution.to_value("arcsec"))
+
+
+def cells_of(ra_deg, dec_deg, order: int = DEFAULT_ORDER) -> np.ndarray:
+    """Nested HEALPix index (int64) at ``order`` of each position (ra, dec in degrees, ICRS)."""
+    import astropy.units as u
+
+    ra = np.atleast_1d(np.asarray(ra_deg, dtype=float))
+    dec = np.atleast_1d(np.asarray(dec_deg, dtype=float))
+    if ra.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    index = _healpix(order).lonlat_to_healpix(np.mod(ra, 360.0) * u.deg, np.clip(dec, -90, 90) * u.deg)
+    return np.asarray(index, dtype=np.int64)
+
+
+def footprint_cells(corners_deg, order: int = DEFAULT_ORDER, pad_arcsec: float = DEFAULT_PAD_ARCSEC) -> np.ndarray:
+    """Sorted unique cells touched by a footprint padded by ``pad_arcsec``.
+
+    ``corners_deg`` is a (4, 2) array of (ra, dec) corners in degrees. The footprint is
+    taken as the bounding box of the corners in the tangent plane at their mean, grown by
+    the pad on every side, and sampled on a grid with a spacing of a quarter of a cell plus
+    its border at 1/32 of a cell: a cell that clips the box by less than ~1/64 of a cell
+    (about 6 arcsec at order 9) may be missed, which the pad (far larger than the association
+    radius) absorbs.
+    """
+    corners = np.asarray(corners_deg, dtype=float).reshape(-1, 2)
+    if not np.all(np.isfinite(corners)):
+        raise ValueError("footprint corners are not finite (no usable WCS in the raw header)")
+    vec = _unit_vectors(corners[:, 0], corners[:, 1])
+    centre = vec.mean(axis=0)
+    centre /= np.linalg.norm(centre)
+    ra0, dec0 = _radec(centre[None, :])
+    xi, eta = _gnomonic(corners[:, 0], corners[:, 1], ra0[0], dec0[0])
+    pad = np.radians(pad_arcsec / 3600.0)
+    step = np.radians(cell_size_arcsec(order) / 4.0 / 3600.0)
+    xs = _axis(xi.min() - pad, xi.max() + pad, step)
+    ys = _axis(eta.min() - pad, eta.max() + pad, step)
+    gx, gy = np.meshgrid(xs, ys)
+    fine_x = _axis(xs[0], xs[-1], step / 8)
+    fine_y = _axis(ys[0], ys[-1], step / 8)
+    border_x = np.concatenate([fine_x, fine_x, np.full(fine_y.size, xs[0]), np.full(fine_y.size, xs[-1])])
+    border_y = np.concatenate([np.full(fine_x.size, ys[0]), np.full(fine_x.size, ys[-1]), fine_y, fine_y])
+    ra, dec = _inverse_gnomonic(np.concatenate([gx.ravel(), border_x]),
+                                np.concatenate([gy.ravel(), border_y]), ra0[0], dec0[0])
+    return np.unique(cells_of(ra, dec, order))
+
+
+def _axis(lo: float, hi: float, step: float) -> np.ndarray:
+    n = max(int(np.ceil((hi - lo) / step)), 1)
+    return np.linspace(lo, hi, n + 1)
+
+
+def _unit_vectors(ra_deg, dec_deg) -> np.ndarray:
+    ra, dec = np.radians(ra_deg), np.radians(dec_deg)
+    return np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
+
+
+def _radec(vec: np.ndarray):
+    ra = np.degrees(np.arctan2(vec[:, 1], vec[:, 0])) % 360.0
+    dec = np.degrees(np.arcsin(np.clip(vec[:, 2], -1, 1)))
+    return ra, dec
+
+
+def _gnomonic(ra_deg, dec_deg, ra0_deg, dec0_deg):
+    ra, dec = np.radians(ra_deg), np.radians(dec_deg)
+    ra0, dec0 = np.radians(ra0_deg), np.radians(dec0_deg)
+    cosc = np.sin(dec0) * np.sin(dec) + np.cos(dec0) * np.cos(dec) * np.cos(ra - ra0)
+    xi = np.cos(dec) * np.sin(ra - ra0) / cosc
+    eta = (np.cos(dec0) * np.sin(dec) - np.sin(dec0) * np.cos(dec) * np.cos(ra - ra0)) / cosc
+    return xi, eta
+
+
+def _inverse_gnomonic(xi, eta, ra0_deg, dec0_deg):
+    ra0, dec0 = np.radians(ra0_deg), np.radians(dec0_deg)
+    rho = np.hypot(xi, eta)
+    c = np.arctan(rho)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dec = np.arcsin(np.cos(c) * np.sin(dec0) + np.where(rho > 0, eta * np.sin(c) * np.cos(dec0) / rho, 0.0))
+    ra = ra0 + np.arctan2(xi * np.sin(c), rho * np.cos(dec0) * np.cos(c) - eta * np.sin(dec0) * np.sin(c))
+    return np.degrees(ra) % 360.0, np.degrees(dec)
+
+
+DataId = tuple[int, int]
+
+
+@dataclass
+class AssociationPlan:
+    """Cells and chain predecessors of every data ID of one workflow run.
+
+    ``cells[data_id]`` are the sorted cells it touches; ``predecessors[data_id]`` the data IDs
+    that precede it in at least one cell's chain (sorted); ``key[data_id]`` its position in
+    every chain, (MJD TAI, visit, detector).
+    """
+
+    order: int
+    pad_arcsec: float
+    cells: dict[DataId, list[int]] = field(default_factory=dict)
+    predecessors: dict[DataId, list[DataId]] = field(default_factory=dict)
+    key: dict[DataId, tuple[float, int, int]] = field(default_factory=dict)
+
+
+def association_plan(exposures, data_ids, order: int = DEFAULT_ORDER,
+                     pad_arcsec: float = DEFAULT_PAD_ARCSEC) -> AssociationPlan:
+    """Cells and per-cell chains for ``data_ids`` from the registry's exposures table.
+
+    ``exposures`` needs the columns visit, detector, mjd_mid_tai and the footprint corners
+    ra_ll/dec_ll ... ra_ul/dec_ul (degrees). Each data ID depends only on its immediate
+    predecessor in each chain, so the number of edges grows linearly with the data IDs.
+    """
+    wanted = {(int(v), int(d)) for v, d in data_ids}
+    plan = AssociationPlan(order=int(order), pad_arcsec=float(pad_arcsec))
+    rows = exposures[[(int(v), int(d)) in wanted for v, d in zip(exposures["visit"], exposures["detector"])]]
+    chains: dict[int, list[tuple[tuple[float, int, int], DataId]]] = {}
+    for row in rows.itertuples(index=False):
+        data_id = (int(row.visit), int(row.detector))
+        corners = [(getattr(row, f"ra_{c}"), getattr(row, f"dec_{c}")) for c in ("ll", "lr", "ur", "ul")]
+        try:
+            cells = footprint_cells(corners, order, pad_arcsec)
+        except ValueError as err:
+            raise ValueError(f"data ID (visit={data_id[0]}, detector={data_id[1]}): {err}") from None
+        key = (float(row.mjd_mid_tai), data_id[0], data_id[1])
+        plan.cells[data_id] = [int(c) for c in cells]
+        plan.key[data_id] = key
+        for cell in cells:
+            chains.setdefault(int(cell), []).append((key, data_id))
+    preds: dict[DataId, set[DataId]] = {d: set() for d in plan.cells}
+    for members in chains.values():
+        members.sort()
+        for (_, before), (_, after) in zip(members[:-1], members[1:]):
+            preds[after].add(before)
+    plan.predecessors = {d: sorted(p) for d, p in preds.items()}
+    return plan
