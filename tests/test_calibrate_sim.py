@@ -11,7 +11,7 @@ from sim_inputs import isr_inputs
 from apsnake import isr, psf
 from apsnake import refcat as refcat_io
 from apsnake.calibrate import CalibrateConfig, CalibrationError, calibrate_exposure
-from apsnake.detection import find_cosmic_rays
+from apsnake.detection import CosmicRayConfig, find_cosmic_rays
 from apsnake.instruments import decam
 
 
@@ -60,6 +60,11 @@ def test_outputs_are_in_njy_with_identity_calibration(calibrated):
     for key in ("fwhm_arcsec", "n_astrometry_matches", "n_photometry_stars", "astrometry_rms_mas",
                 "zero_point", "zero_point_scatter", "sky_level_adu", "sky_noise_adu", "calibrate_seconds"):
         assert np.isfinite(meta[key]), key
+    # The aperture-correction plane travels in the calexp header for DIA PSF fluxes.
+    from apsnake.photometry import ApertureCorrection
+
+    plane = ApertureCorrection.from_metadata(calexp.metadata)
+    assert plane is not None and abs(float(plane(1024, 2048)) - 1.0) < 0.05
 
 
 def test_astrometry_against_true_positions(calibrated):
@@ -104,8 +109,12 @@ def test_psf_fwhm_at_centre_and_corners(calibrated):
 
 
 def test_psf_residuals_consistent_with_noise(calibrated):
+    """chi2/dof of the PSF fit of clean stars at S/N 100-250. Brighter stars show the model's
+    own accuracy (~0.3% of the peak): their chi2 grows as S/N^2 (2-9 at S/N 300-500 on the
+    0.9" template visit) and depends on the noise realisation, so they are left out."""
     s = calibrated["src"]
-    good = _clean_bright(calibrated, snr=100)
+    good = _clean_bright(calibrated, snr=100) & (s["snr"] < 250).to_numpy()
+    assert good.sum() >= 10
     chi2 = s["psfChi2"].to_numpy()[good] / np.maximum(s["psfNdata"].to_numpy()[good] - 1, 1)
     assert np.median(chi2) < 1.3
 
@@ -117,10 +126,12 @@ def test_cosmic_rays_masked_without_eating_stars(calibrated, sim_test_dir):
     n_true = int(sig[(sig["visit"] == c["visit"].name) & (sig["detector"] == c["ccd"])]["n_cosmic_rays"].iloc[0])
     _, n_found = ndimage.label(calexp.mask_of("CR"), structure=np.ones((3, 3)))
     assert n_found >= 0.8 * n_true  # some hits land on masked or saturated pixels
-    # Nothing sharp is left on the sky outside the masks.
+    # Nothing sharp above the finder's floor (30 ADU, here in nJy) is left outside the masks.
     sigma = c["result"].metadata["fwhm_pixels"] / 2.3548
+    floor = CosmicRayConfig().min_dn * c["result"].metadata["njy_per_adu"]
     leftover = find_cosmic_rays(calexp.image, calexp.variance, sigma,
-                                bad=calexp.mask_of("CR", "BAD", "SAT", "INTRP", "SUSPECT"))
+                                bad=calexp.mask_of("CR", "BAD", "SAT", "INTRP", "SUSPECT"),
+                                config=CosmicRayConfig(min_dn=floor))
     assert leftover.sum() <= 5
     # Fewer than 1% of the true stars detected above 5 sigma carry a CR flag at their centre.
     s = c["src"]
