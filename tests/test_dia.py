@@ -186,6 +186,31 @@ def test_variable_star_forced_fluxes():
         # The centroid error (~0.1 px) costs a bright star up to ~1 % of its forced flux.
         assert np.all(np.abs(r[col].to_numpy() - truth) < 4 * r[f"{col}Err"].to_numpy() + 0.01 * truth), col
     assert np.all(np.abs(r["apFlux"].to_numpy() - delta) < 5 * r["apFluxErr"].to_numpy())  # 12-px aperture
+    # The PSF-matching floor: 1 % of the template flux in quadrature (template_flux_error).
+    plain = detect_dia_sources(diff, sci, tmpl, DiaConfig(template_flux_error=0.0), time_processed_mjd=1.0)
+    plain = plain.to_pandas().iloc[i]
+    expected = np.hypot(plain["psfFluxErr"].to_numpy(), 0.01 * r["templateFlux"].to_numpy())
+    assert np.allclose(r["psfFluxErr"].to_numpy(), expected, rtol=1e-5)
+    assert np.array_equal(r["psfFlux"].to_numpy(), plain["psfFlux"].to_numpy())
+
+
+def test_aperture_correction_of_the_calexp_scales_psf_fluxes():
+    """Rubin's doApCorr: PSF fluxes are multiplied by the calexp's aperture correction (its
+    APCORR* header plane) at the source; aperture fluxes are not."""
+    from apsnake.photometry import ApertureCorrection
+
+    rng = np.random.default_rng(8)
+    x, y = _grid(rng, 150)
+    diff, sci, tmpl = make_images(transients=list(zip(x, y, np.full(x.size, 30 * FLUX_PER_SNR))), seed=9)
+    plain = detect_dia_sources(diff, sci, tmpl, KEEP_ALL, time_processed_mjd=1.0).to_pandas()
+    plane = ApertureCorrection(np.array([0.97, 0.02, -0.01]), 512.0, 256.0, 512.0, 0.0, 0)
+    sci.metadata.update(plane.to_metadata())
+    corrected = detect_dia_sources(diff, sci, tmpl, KEEP_ALL, time_processed_mjd=1.0).to_pandas()
+    factor = plane(plain["x"].to_numpy(), plain["y"].to_numpy())
+    for col in ("psfFlux", "scienceFlux", "templateFlux"):
+        assert np.allclose(corrected[col], plain[col] * factor, rtol=1e-5), col
+    assert np.allclose(corrected["apFlux"], plain["apFlux"])
+    assert ApertureCorrection.from_metadata({}) is None
 
 
 def test_false_positives_on_pure_noise():

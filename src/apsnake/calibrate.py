@@ -258,6 +258,7 @@ def calibrate_exposure(post_isr: Exposure, refcat, config: CalibrateConfig | Non
     exp.metadata.update({
         "ZP": zp.zp, "ZPERR": zp.err, "NJYPADU": float(scale), "FWHM": fwhm_centre, "ASTRMS": float(astro.rms_mas),
         "NASTRO": int(astro.n_matches), "NPHOTO": int(zp.n_stars), "SKYLEV": sky_level, "CALTIME": meta["calibrate_seconds"],
+        **apcorr.to_metadata(),
     })
     log.info("%s: calibrated in %.1f s: FWHM %.2f px, %d astrometric matches rms %.0f mas, zp %.3f +/- %.3f (%d stars)",
              data_id, meta["calibrate_seconds"], fwhm_centre, astro.n_matches, astro.rms_mas, zp.zp, zp.err, zp.n_stars)

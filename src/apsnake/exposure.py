@@ -272,6 +272,24 @@ def write_exposure(exposure: Exposure, path: str | Path) -> None:
         fits.HDUList(hdus).writeto(tmp)
 
 
+def _native_plane(hdu, dtype) -> np.ndarray:
+    """An image HDU's pixels as a native-order array of ``dtype``, without a second copy.
+
+    FITS stores big-endian numbers; converting with ``np.array(data, dtype)`` keeps the file's
+    buffer and a converted copy alive together (2 x 32 MB per plane of a DECam CCD). Swapping
+    the bytes in place and releasing the HDU's reference keeps one.
+    """
+    data = hdu.data
+    wanted = np.dtype(dtype)
+    if data.dtype.kind == wanted.kind and data.dtype.itemsize == wanted.itemsize and data.flags.writeable:
+        if not data.dtype.isnative:
+            data = data.byteswap(inplace=True).view(data.dtype.newbyteorder("="))
+    else:
+        data = np.asarray(data, dtype)
+    del hdu.data
+    return data
+
+
 def read_exposure(path: str | Path) -> Exposure:
     """Read an Exposure FITS written by ``write_exposure``.
 
@@ -319,9 +337,9 @@ def read_exposure(path: str | Path) -> Exposure:
             }
             metadata = {k: v for k, v in ph.items() if k not in reserved and k not in ("COMMENT", "HISTORY", "")}
             exposure = Exposure(
-                image=np.array(hdul["IMAGE"].data, np.float32),
-                mask=np.array(hdul["MASK"].data, np.int32),
-                variance=np.array(hdul["VARIANCE"].data, np.float32),
+                image=_native_plane(hdul["IMAGE"], np.float32),
+                mask=_native_plane(hdul["MASK"], np.int32),
+                variance=_native_plane(hdul["VARIANCE"], np.float32),
                 visit_info=visit_info,
                 detector=int(ph.get("DETECTOR", -1)),
                 detector_name=str(ph.get("DETNAME", "")),

@@ -106,6 +106,22 @@ class ApertureCorrection:
         v = (np.asarray(y, float) - self.y0) / self.scale
         return self.coeffs[0] + self.coeffs[1] * u + self.coeffs[2] * v
 
+    #: Header keywords of the plane in an Exposure's metadata (8 characters, FITS-safe).
+    KEYS = ("APCORR0", "APCORR1", "APCORR2", "APCORX0", "APCORY0", "APCORSCL")
+
+    def to_metadata(self) -> dict:
+        """The plane as Exposure metadata cards (written to the calexp header)."""
+        values = (*map(float, self.coeffs), self.x0, self.y0, self.scale)
+        return dict(zip(self.KEYS, values))
+
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> ApertureCorrection | None:
+        """The plane stored by ``to_metadata``, or None when the exposure has none."""
+        if not all(k in metadata for k in cls.KEYS):
+            return None
+        c0, c1, c2, x0, y0, scale = (float(metadata[k]) for k in cls.KEYS)
+        return cls(np.array([c0, c1, c2]), x0, y0, scale, float("nan"), 0)
+
 
 def fit_aperture_correction(x, y, psf_flux, ap_flux, shape, n_sigma: float = 4.0, n_iter: int = 4) -> ApertureCorrection:
     """Fit ap_flux / psf_flux of PSF stars with a clipped plane (Rubin: 4 iterations, 4 sigma;
