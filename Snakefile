@@ -4,7 +4,8 @@
 #   --isr--> postISR --calibrate--> calexp + src
 #   template visits' calexps --coadd--> coadd cells --template--> template per data ID
 #   calexp + template --diffim--> diffexp --detectDiaSources--> diaSrc
-#   later: --associate--> APDB fragments + apdb_marker
+#   diaSrc (+ diffexp, calexp) + APDB state of its sky cells --associate--> APDB fragments
+#   (DiaSource, DiaObject versions, DiaForcedSource) + apdb_marker, ordered per sky cell
 #
 # Read ../shared/design/ARCHITECTURE.md for data IDs, products and DAG ordering.
 
@@ -26,6 +27,7 @@ include: "rules/isr.smk"
 include: "rules/calibrate.smk"
 include: "rules/template.smk"
 include: "rules/diffim.smk"
+include: "rules/associate.smk"
 
 
 rule all:
@@ -33,4 +35,5 @@ rule all:
         REGISTRY.values(),
         lambda wildcards: expand_data_ids(product("calexp")),
         lambda wildcards: expand_data_ids(product("diaSrc", "parquet"), science_only=True),
+        lambda wildcards: expand_data_ids(product("apdb_marker", "json"), science_only=True),
     localrule: True

@@ -9,7 +9,10 @@ near stars brighter than g = 16), psfFlux pulls, positions of S/N > 20 sources, 
 normalised residual rms at isolated constant stars below S/N 200. Targets (issue 5):
 completeness >= 50% at S/N 5.5 and >= 90% at S/N 8; < 5 false per CCD-visit away from
 bright stars; median pull within 0.1 and scatter 0.9-1.2; positions < 50 mas rms;
-residual rms < 1.3.
+residual rms < 1.3. Then the association into the APDB (issue 6): the fraction of truth
+objects detected in two or more visits with all detections on one DiaObject (>= 99%), the
+fraction of DiaObjects mixing two truth objects (< 1%) and DiaObjects linking asteroid
+detections of different visits (0).
 """
 
 import json
@@ -41,7 +44,7 @@ def run_workflow(preset: str, template_mode: str = "coadd") -> tuple[Path, Path,
 
 
 def main(presets: list[str], template_mode: str = "coadd") -> None:
-    from apsnake.sim.evaluate import evaluate_data_id, static_star_residuals, summarise
+    from apsnake.sim.evaluate import evaluate_association, evaluate_data_id, static_star_residuals, summarise
 
     for preset in presets:
         night, out, summary = run_workflow(preset, template_mode)
@@ -55,6 +58,7 @@ def main(presets: list[str], template_mode: str = "coadd") -> None:
         metrics["static_star_normalised_rms_median"] = float(np.median(rms)) if rms.size else float("nan")
         metrics["static_star_normalised_rms_mean"] = float(np.mean(rms)) if rms.size else float("nan")
         metrics["n_static_stars"] = int(rms.size)
+        metrics.update({f"association_{k}": v for k, v in evaluate_association(night, out).items()})
         print(f"\n== preset {preset}, templates {template_mode}: {len(results)} CCD-visits ==")
         for key, value in metrics.items():
             print(f"{key:48s} {value}")

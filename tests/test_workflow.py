@@ -141,3 +141,158 @@ def test_coadd_template_mode(sim_test_dir, tmp_path):
     header = fits.getheader(tmp_path / "out" / "template" / "419802" / "template_419802_25.fits")
     assert header["TMPLKIND"] == "coadd" and float(header["TMPLCOV"]) > 0.5
     assert len(pd.read_parquet(target)) > 0
+
+
+# ---------------------------------------------------------------------------
+# Association into the APDB (issue 6).
+TABLES = ("DiaSource", "DiaObject", "DiaForcedSource")
+SORT_KEYS = {"DiaSource": ["diaSourceId"], "DiaObject": ["diaObjectId", "validityStartMjdTai"],
+             "DiaForcedSource": ["diaForcedSourceId"]}
+
+
+def _apdb_tables(out):
+    """Every APDB row, sorted, without the processing timestamps (the only column that
+    legitimately differs between two runs)."""
+    from apsnake.apdb import Apdb
+
+    db = Apdb(out)
+    frames = {"DiaSource": db.sources(), "DiaObject": _all_versions(out), "DiaForcedSource": db.forced_sources()}
+    return {name: frame.drop(columns=["timeProcessedMjdTai"], errors="ignore")
+            .sort_values(SORT_KEYS[name]).reset_index(drop=True) for name, frame in frames.items()}
+
+
+def _all_versions(out):
+    paths = sorted((out / "apdb" / "DiaObject").rglob("DiaObject_*.parquet"))
+    return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+
+
+def _assert_same_apdb(a, b):
+    for name in TABLES:
+        pd.testing.assert_frame_equal(a[name], b[name], check_exact=True, obj=name)
+
+
+def _markers(out):
+    return {p.name: p.stat().st_mtime_ns for p in (out / "apdb_marker").rglob("apdb_marker_*.json")}
+
+
+def _copy_run(workflow_run, tmp_path, keep_apdb=False):
+    """A copy of the finished test-night run (hard links) whose config points at the copy;
+    without the APDB unless ``keep_apdb``."""
+    import shutil
+
+    src_dir, config, _, _ = workflow_run
+    out = tmp_path / "out"
+    ignore = None if keep_apdb else shutil.ignore_patterns("apdb", "apdb_marker")
+    # Hard links: no disk for the ~GB of images, mtimes kept; every writer replaces files
+    # by renaming, so a re-run never changes the original run's files.
+    shutil.copytree(src_dir / "out", out, ignore=ignore, copy_function=os.link)
+    new_config = tmp_path / "config.yaml"
+    new_config.write_text(config.read_text().replace(str(src_dir / "out"), str(out)))
+    return out, new_config
+
+
+def test_association_writes_fragments_and_markers(workflow_run):
+    import json
+
+    from apsnake.apdb import Apdb
+
+    out = workflow_run[0] / "out"
+    exposures = pd.read_parquet(out / "registry" / "exposures.parquet")
+    science = exposures[~exposures["visit"].isin([411371, 411372])]
+    db = Apdb(out)
+    summary = db.summary()
+    assert summary["data_ids"] == len(science)
+    for visit, detector in zip(science["visit"], science["detector"]):
+        marker = json.loads((out / "apdb_marker" / str(visit) / f"apdb_marker_{visit}_{detector:02d}.json").read_text())
+        for table in TABLES:
+            rows = pd.read_parquet(out / "apdb" / table / str(visit) / f"{table}_{visit}_{detector:02d}.parquet")
+            assert marker["counts"][table] == len(rows)
+        for key in ("numNewDiaObjects", "numUnassociatedDiaObjects", "fracUpdatedDiaObjects"):
+            assert key in marker
+        log = (out / "logs" / "associate" / str(visit) / f"associate_{visit}_{detector:02d}.log").read_text()
+        assert f"visit={visit} detector={detector}" in log
+    sources = db.sources()
+    dia_src = pd.concat([pd.read_parquet(p) for p in (out / "diaSrc").rglob("*.parquet")])
+    assert len(sources) == len(dia_src) and sources["diaSourceId"].is_unique
+    objects = db.objects()
+    assert objects["diaObjectId"].is_unique and set(objects["diaObjectId"]) <= set(sources["diaSourceId"])
+    assert (objects["nDiaSources"] >= 1).all()
+    assert set(sources["diaObjectId"].dropna()) == set(objects["diaObjectId"])
+    forced = db.forced_sources()
+    assert len(forced) >= len(objects) and set(forced["diaObjectId"]) <= set(objects["diaObjectId"])
+    assert not list(out.rglob(".tmp-*"))
+
+
+def test_association_links_the_truth(workflow_run, sim_test_dir):
+    from apsnake.sim.evaluate import evaluate_association
+
+    score = evaluate_association(sim_test_dir, workflow_run[0] / "out")
+    assert score["n_truth_multi_visit"] >= 8
+    assert score["frac_truth_on_one_object"] >= 0.99, score["split_truth_ids"]
+    assert score["frac_objects_mixing_truth"] < 0.01
+    assert score["n_asteroid_detections"] >= 2 and score["n_objects_linking_asteroid_visits"] == 0
+
+
+def test_association_is_the_same_with_one_core(workflow_run, tmp_path):
+    out, config = _copy_run(workflow_run, tmp_path)
+    proc = _run(tmp_path, config, "--cores", "1")
+    assert "associate" in proc.stdout + proc.stderr
+    assert "isr" not in (proc.stdout + proc.stderr).replace("Conda", "")  # only association re-ran
+    _assert_same_apdb(_apdb_tables(out), _apdb_tables(workflow_run[0] / "out"))
+
+
+def test_rerunning_one_data_id_reruns_its_chain_and_gives_the_same_apdb(workflow_run, tmp_path):
+    """--force one association, then the workflow: exactly the later associations that
+    depend on it re-run, and the APDB equals the first run's (no duplicates)."""
+    from apsnake.skycells import association_plan
+
+    out, config = _copy_run(workflow_run, tmp_path, keep_apdb=True)
+    exposures = pd.read_parquet(out / "registry" / "exposures.parquet")
+    ids = [(v, d) for v, d in zip(exposures["visit"], exposures["detector"]) if v not in (411371, 411372)]
+    plan = association_plan(exposures, ids)
+    first = min(ids, key=lambda d: plan.key[d])
+    before = _markers(out)
+    target = out / "apdb_marker" / str(first[0]) / f"apdb_marker_{first[0]}_{first[1]:02d}.json"
+    _run(tmp_path, config, str(target), "--force")
+    _run(tmp_path, config)
+    after = _markers(out)
+    rerun = {name for name in before if after[name] != before[name]}
+    downstream, todo = set(), [first]
+    while todo:
+        current = todo.pop()
+        for d, preds in plan.predecessors.items():
+            if current in preds and d not in downstream:
+                downstream.add(d)
+                todo.append(d)
+    expected = {f"apdb_marker_{v}_{d:02d}.json" for v, d in downstream | {first}}
+    assert rerun == expected
+    _assert_same_apdb(_apdb_tables(out), _apdb_tables(workflow_run[0] / "out"))
+
+
+def test_killed_association_leaves_nothing_that_looks_complete(workflow_run, tmp_path):
+    import signal
+    import time
+
+    from apsnake.apdb import Apdb
+
+    out, config = _copy_run(workflow_run, tmp_path)
+    cmd = SNAKEMAKE + ["--directory", str(tmp_path), "--configfile", str(config), "--cores", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "apdb_marker").rglob("*.json")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    markers = list((out / "apdb_marker").rglob("apdb_marker_*.json"))
+    assert 1 <= len(markers) < 4
+    db = Apdb(out)
+    committed = db.committed()
+    assert len(committed) == len(markers)
+    for visit, detector in zip(committed["visit"].astype(int), committed["detector"].astype(int)):
+        for table in TABLES:
+            assert (out / "apdb" / table / str(visit) / f"{table}_{visit}_{detector:02d}.parquet").exists()
+    assert set(db.sources()["visit"]) <= set(committed["visit"])
+    _run(tmp_path, config, "--unlock")
+    _run(tmp_path, config)
+    _assert_same_apdb(_apdb_tables(out), _apdb_tables(workflow_run[0] / "out"))

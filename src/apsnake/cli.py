@@ -1,4 +1,4 @@
-"""The ``apsnake`` command: simulate a night, ingest headers, summarise a registry."""
+"""The ``apsnake`` command: simulate a night, ingest headers, summarise a registry, query the APDB."""
 
 from __future__ import annotations
 
@@ -47,6 +47,47 @@ def _show(args) -> int:
     return 0
 
 
+def _apdb_summary(args) -> int:
+    from apsnake.apdb import Apdb
+    from apsnake.errors import ApsnakeError
+
+    try:
+        summary = Apdb(args.root).summary()
+    except ApsnakeError as err:
+        print(f"apsnake apdb: {err}", file=sys.stderr)
+        return 1
+    rows = summary["rows"]
+    print(f"APDB: {Path(args.root).resolve()}")
+    if summary["data_ids"]:
+        span = f", MJD (TAI) {summary['mjd_first']:.5f} .. {summary['mjd_last']:.5f}"
+    else:
+        span = " (nothing committed yet)"
+    print(f"  committed data IDs: {summary['data_ids']} in {summary['visits']} visits{span}")
+    print(f"  DiaObject: {summary['objects']} objects ({summary['objects_2plus_sources']} with >= 2 DiaSources), "
+          f"{rows['DiaObject']} version rows")
+    print(f"  DiaSource: {rows['DiaSource']} rows ({summary['unassociated_sources']} without a DiaObject)")
+    print(f"  DiaForcedSource: {rows['DiaForcedSource']} rows")
+    return 0
+
+
+def _apdb_lightcurve(args) -> int:
+    from apsnake.apdb import Apdb
+    from apsnake.errors import ApsnakeError
+
+    try:
+        curve = Apdb(args.root).lightcurve(args.object_id)
+    except ApsnakeError as err:
+        print(f"apsnake apdb: {err}", file=sys.stderr)
+        return 1
+    if args.csv:
+        curve.to_csv(sys.stdout, index=False)
+    else:
+        print(f"DiaObject {args.object_id}: {len(curve)} visits (fluxes in nJy, times MJD TAI)")
+        print(curve.to_string(index=False, float_format="{:.2f}".format,
+                              formatters={"midpointMjdTai": "{:.5f}".format}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="apsnake", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("registry", help="summarise a registry folder")
     p.add_argument("registry", type=Path)
     p.set_defaults(func=_show)
+
+    p = sub.add_parser("apdb", help="query the APDB (committed association results) of a workflow run")
+    apdb_sub = p.add_subparsers(dest="apdb_command", required=True)
+    q = apdb_sub.add_parser("summary", help="counts of data IDs, objects and sources")
+    q.add_argument("--root", type=Path, default=Path("out"), help="the workflow's outdir (default: out)")
+    q.set_defaults(func=_apdb_summary)
+    q = apdb_sub.add_parser("lightcurve", help="one DiaObject's fluxes per visit")
+    q.add_argument("object_id", type=int, help="diaObjectId")
+    q.add_argument("--root", type=Path, default=Path("out"), help="the workflow's outdir (default: out)")
+    q.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    q.set_defaults(func=_apdb_lightcurve)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -5,7 +5,8 @@ whose position lies on the difference image with template coverage, so that a li
 a point (detection or not) at every visit that saw the position. Each measurement is a linear
 PSF fit at the fixed object position (``apsnake.psf.psf_flux``): on the difference image
 (``psfFlux``, the "fp" flux of DiaObject summaries) and on the calexp (``scienceFlux``), both in
-nJy. Positions whose centre pixel has no template coverage (NO_DATA) or lies off the image are
+nJy, times the calexp's aperture correction at the position (as for DiaSources, so the
+forced and detected fluxes of one visit agree). Positions whose centre pixel has no template coverage (NO_DATA) or lies off the image are
 not measured (there is nothing to measure, so no row is written).
 """
 
@@ -17,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 
 from apsnake import schema
-from apsnake.dia import bad_pixels, njy_per_unit
-from apsnake.exposure import Exposure
+from apsnake.dia import aperture_correction_at, bad_pixels, njy_per_unit
+from apsnake.exposure import Exposure, VisitInfo
 from apsnake.ids import dia_source_ids
 from apsnake.psf import psf_flux
 
@@ -30,6 +31,56 @@ def _now_mjd_tai() -> float:
     from astropy.time import Time
 
     return float(Time(time.time(), format="unix").tai.mjd)
+
+
+def measurable_objects(difference: Exposure, object_ids, ra_deg, dec_deg):
+    """The objects on the difference image with template coverage at their centre pixel.
+
+    Returns (ids, ra, dec, x, y), sorted by id; x, y are 0-based pixel positions.
+    """
+    ids = np.asarray(object_ids, dtype=np.int64)
+    ra = np.asarray(ra_deg, dtype=float)
+    dec = np.asarray(dec_deg, dtype=float)
+    order = np.argsort(ids, kind="stable")
+    ids, ra, dec = ids[order], ra[order], dec[order]
+    if len(ids):
+        x, y = difference.wcs.all_world2pix(ra, dec, 0)
+    else:
+        x = y = np.zeros(0)
+    ny, nx = difference.shape
+    ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
+    on_image = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
+    covered = np.zeros(len(ids), bool)
+    covered[on_image] = ~difference.mask_of("NO_DATA")[iy[on_image], ix[on_image]]
+    return ids[covered], ra[covered], dec[covered], x[covered], y[covered]
+
+
+def psf_fluxes(exposure: Exposure, x, y, what: str):
+    """PSF flux and error (nJy, before aperture correction) at pixel positions; NaN where no
+    good pixel is left."""
+    if len(x) == 0:
+        return np.zeros(0), np.zeros(0)
+    flux, err, _, ndata = psf_flux(exposure.image, exposure.variance, exposure.psf, x, y,
+                                   bad_pixels(exposure, MEASURE_BAD_PLANES))
+    calib = njy_per_unit(exposure, what)
+    return np.where(ndata > 0, flux * calib, np.nan), np.where(ndata > 0, err * abs(calib), np.nan)
+
+
+def forced_source_table(visit_info: VisitInfo, detector: int, ids, ra, dec, diff_flux, diff_err, sci_flux, sci_err,
+                        time_processed_mjd: float | None = None) -> pa.Table:
+    """DiaForcedSource rows (schema-conformed) of one data ID from measured fluxes (nJy)."""
+    visit = visit_info.visit
+    n = len(ids)
+    columns = {
+        "diaForcedSourceId": dia_source_ids(visit, detector, n),
+        "diaObjectId": ids, "ra": ra, "dec": dec,
+        "visit": np.full(n, visit, np.int64), "detector": np.full(n, detector, np.int32),
+        "midpointMjdTai": np.full(n, visit_info.mjd_mid_tai),
+        "band": np.full(n, visit_info.band, object),
+        "timeProcessedMjdTai": np.full(n, _now_mjd_tai() if time_processed_mjd is None else float(time_processed_mjd)),
+        "psfFlux": diff_flux, "psfFluxErr": diff_err, "scienceFlux": sci_flux, "scienceFluxErr": sci_err,
+    }
+    return schema.conform(columns, "DiaForcedSource")
 
 
 def forced_photometry(difference: Exposure, science: Exposure, object_ids, ra_deg, dec_deg,
@@ -56,41 +107,9 @@ def forced_photometry(difference: Exposure, science: Exposure, object_ids, ra_de
     if difference.shape != science.shape:
         raise ValueError(f"data ID {difference.data_id}: difference {difference.shape} and calexp "
                          f"{science.shape} differ in shape")
-    ids = np.asarray(object_ids, dtype=np.int64)
-    ra = np.asarray(ra_deg, dtype=float)
-    dec = np.asarray(dec_deg, dtype=float)
-    order = np.argsort(ids, kind="stable")
-    ids, ra, dec = ids[order], ra[order], dec[order]
-    if len(ids):
-        x, y = difference.wcs.all_world2pix(ra, dec, 0)
-    else:
-        x = y = np.zeros(0)
-    ny, nx = difference.shape
-    ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
-    on_image = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
-    covered = np.zeros(len(ids), bool)
-    covered[on_image] = ~difference.mask_of("NO_DATA")[iy[on_image], ix[on_image]]
-    ids, ra, dec, x, y = ids[covered], ra[covered], dec[covered], x[covered], y[covered]
-
-    visit, detector = difference.data_id
-    info = difference.visit_info
-    columns = {
-        "diaForcedSourceId": dia_source_ids(visit, detector, len(ids)),
-        "diaObjectId": ids, "ra": ra, "dec": dec,
-        "visit": np.full(len(ids), visit, np.int64), "detector": np.full(len(ids), detector, np.int32),
-        "midpointMjdTai": np.full(len(ids), info.mjd_mid_tai),
-        "band": np.full(len(ids), info.band, object),
-        "timeProcessedMjdTai": np.full(len(ids), _now_mjd_tai() if time_processed_mjd is None
-                                       else float(time_processed_mjd)),
-    }
-    for exposure, prefix, what in ((difference, "psfFlux", "difference image"), (science, "scienceFlux", "calexp")):
-        if len(ids):
-            flux, err, _, ndata = psf_flux(exposure.image, exposure.variance, exposure.psf, x, y,
-                                           bad_pixels(exposure, MEASURE_BAD_PLANES))
-            calib = njy_per_unit(exposure, what)
-            flux = np.where(ndata > 0, flux * calib, np.nan)
-            err = np.where(ndata > 0, err * abs(calib), np.nan)
-        else:
-            flux = err = np.zeros(0)
-        columns[prefix], columns[f"{prefix}Err"] = flux, err
-    return schema.conform(columns, "DiaForcedSource")
+    ids, ra, dec, x, y = measurable_objects(difference, object_ids, ra_deg, dec_deg)
+    apcorr = aperture_correction_at(science, x, y)
+    diff_flux, diff_err = psf_fluxes(difference, x, y, "difference image")
+    sci_flux, sci_err = psf_fluxes(science, x, y, "calexp")
+    return forced_source_table(difference.visit_info, difference.detector, ids, ra, dec, diff_flux * apcorr, diff_err * apcorr,
+                               sci_flux * apcorr, sci_err * apcorr, time_processed_mjd)
