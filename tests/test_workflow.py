@@ -296,3 +296,25 @@ def test_killed_association_leaves_nothing_that_looks_complete(workflow_run, tmp
     _run(tmp_path, config, "--unlock")
     _run(tmp_path, config)
     _assert_same_apdb(_apdb_tables(out), _apdb_tables(workflow_run[0] / "out"))
+
+
+def test_touching_one_raw_reprocesses_its_visit_and_the_apdb_is_unchanged(workflow_run, tmp_path, sim_test_dir):
+    """The issue's idempotency check: touch one science raw, run again. Its data IDs go
+    through ISR to association again, the later associations follow, and the APDB equals the
+    first run's. (A private copy of the raws, so the shared night keeps its mtimes; mtime
+    triggers, because the registry's raw paths now point at the copy.)"""
+    import shutil
+
+    out, config = _copy_run(workflow_run, tmp_path, keep_apdb=True)
+    raw = tmp_path / "raw"
+    shutil.copytree(sim_test_dir / "raw", raw)  # copy2: mtimes kept
+    config.write_text(config.read_text().replace(str(sim_test_dir / "raw"), str(raw)))
+    exposures = pd.read_parquet(out / "registry" / "exposures.parquet")
+    science = exposures[~exposures["visit"].isin([411371, 411372])]
+    first_visit = int(science.sort_values("mjd_mid_tai")["visit"].iloc[0])
+    path = Path(science[science["visit"] == first_visit]["raw_path"].iloc[0])
+    (raw / path.name).touch()
+    proc = _run(tmp_path, config, "--rerun-triggers", "mtime")
+    text = proc.stdout + proc.stderr
+    assert f"visit={first_visit}" in text and "rule isr" in text.replace("localrule", "rule")
+    _assert_same_apdb(_apdb_tables(out), _apdb_tables(workflow_run[0] / "out"))
