@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/snakemake --profile profiles/local --cores $(CORES)
 	@$(BIN)/apsnake registry out/registry
+	@$(BIN)/apsnake apdb summary --root out
 
 dry-run: $(STAMP)
 	$(BIN)/snakemake --profile profiles/local -n
