@@ -109,5 +109,7 @@ def test_images_given_as_paths_and_mismatched_inputs(tmp_path):
     _, _, foreign = _visit(3003, 57000.25, 5)
     with pytest.raises(diapipe.AssociationStepError, match="another data ID"):
         diapipe.associate_data_id(tmp_path, foreign, diff, sci, _cells(diff))
+    with pytest.raises(diapipe.AssociationStepError, match="no sky cells"):
+        diapipe.associate_data_id(tmp_path, table, diff, sci, [])
     with pytest.raises(diapipe.AssociationStepError, match="association"):
         diapipe.config_from_options({"radius_arcsec": 1.0, "no_such_option": 1})

@@ -72,6 +72,11 @@ def test_chains_order_overlapping_data_ids_in_time_and_leave_others_parallel():
     assert (2, 1) in plan.predecessors[(3, 1)] and (1, 1) not in plan.predecessors[(3, 1)]  # only the immediate one
     assert plan.key[(2, 1)] == (10.01, 2, 1)
     assert all(plan.key[p] < plan.key[d] for d, preds in plan.predecessors.items() for p in preds)
+    # A data ID without a usable footprint takes part in no chain instead of stopping the DAG.
+    broken = table.copy()
+    broken.loc[broken["visit"] == 2, ["ra_ll", "dec_ll"]] = np.nan
+    plan_broken = association_plan(broken, [(v, d) for v, d, *_ in rows], order=9, pad_arcsec=60)
+    assert plan_broken.cells[(2, 1)] == [] and (2, 1) not in plan_broken.predecessors[(3, 1)]
     # Only selected data IDs take part.
     partial = association_plan(table, [(1, 1), (3, 1)], order=9, pad_arcsec=60)
     assert set(partial.cells) == {(1, 1), (3, 1)} and partial.predecessors[(3, 1)] == [(1, 1)]

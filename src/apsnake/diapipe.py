@@ -130,6 +130,9 @@ def associate_data_id(root: str | Path, dia_sources: pa.Table, difference: Expos
     if not np.isfinite(mjd):
         raise AssociationStepError(f"data ID {data_id}: the difference image has no mid-exposure MJD")
     cells = sorted(int(c) for c in cells)
+    if not cells:
+        raise AssociationStepError(f"data ID {data_id}: no sky cells (the registry has no usable footprint "
+                                   "for it: no WCS in the raw header?)")
     sources = schema.conform(dia_sources, "DiaSource").to_pandas()
     if len(sources) and not ((sources["visit"] == visit) & (sources["detector"] == detector)).all():
         raise AssociationStepError(f"data ID {data_id}: diaSrc holds sources of another data ID")

@@ -151,8 +151,11 @@ def association_plan(exposures, data_ids, order: int = DEFAULT_ORDER,
         corners = [(getattr(row, f"ra_{c}"), getattr(row, f"dec_{c}")) for c in ("ll", "lr", "ur", "ul")]
         try:
             cells = footprint_cells(corners, order, pad_arcsec)
-        except ValueError as err:
-            raise ValueError(f"data ID (visit={data_id[0]}, detector={data_id[1]}): {err}") from None
+        except ValueError:
+            # No usable footprint in the raw header: the data ID cannot be calibrated either,
+            # and must not stop the DAG of the others; it takes part in no chain, and its
+            # association (if it ever gets that far) fails naming the reason.
+            cells = np.zeros(0, dtype=np.int64)
         key = (float(row.mjd_mid_tai), data_id[0], data_id[1])
         plan.cells[data_id] = [int(c) for c in cells]
         plan.key[data_id] = key
