@@ -1,11 +1,11 @@
 # Association: diaSrc (+ diffexp, calexp) + the APDB state of the data ID's sky cells
 #   -> APDB fragments (DiaSource, DiaObject versions, DiaForcedSource) + apdb_marker.
 #
-# Order (ARCHITECTURE.md section 5): the sky is cut into HEALPix cells; the data IDs touching
-# a cell, sorted by (MJD, visit, detector), form a chain, and each association waits for the
-# apdb_marker of its predecessor in every chain it is in. The chains are computed from the
-# registry before any job runs; data IDs sharing no cell associate in parallel. No `apdb`
-# resource is needed: every job writes only its own fragments.
+# Order (ARCHITECTURE.md section 5): the sky is cut into HEALPix cells; the visits touching a
+# cell, sorted by (MJD, visit), form a chain, and each association waits for the apdb_markers
+# of the previous visit's data IDs in every cell it touches. The chains are computed from the
+# registry before any job runs; data IDs sharing no cell, and the detectors of one visit,
+# associate in parallel. No `apdb` resource is needed: every job writes only its own fragments.
 
 from apsnake.skycells import association_plan
 
@@ -46,7 +46,7 @@ def planned(wildcards):
 
 
 def previous_markers(wildcards):
-    """apdb_marker of the data ID's predecessor in every sky-cell chain it belongs to."""
+    """apdb_markers of the previous visit's data IDs in every sky cell of this data ID."""
     plan, data_id = planned(wildcards)
     return [
         product("apdb_marker", "json").format(visit=v, detector=f"{d:02d}")

@@ -239,13 +239,15 @@ def test_commit_rejects_bad_tables(tmp_path):
 # load_history
 
 def test_history_respects_chain_order(chain):
-    # B sees only A: equal MJD, earlier detector (MJD10 rounds up in the index names).
-    history = load_history(chain, [C1], ORDER, (MJD10, 10, 2))
-    assert history.data_ids == [(float(f"{MJD10:.8f}"), 10, 1)]
+    # B does not see A: same visit (detectors of one exposure never share objects, and what
+    # B reads must not depend on whether A ran first).
+    assert load_history(chain, [C1], ORDER, (MJD10, 10, 2)).data_ids == []
+
+    # C (next visit) sees A and B (MJD10 rounds up in the index names).
+    history = load_history(chain, [C1], ORDER, (101.0, 11, 1))
+    assert history.data_ids == [(float(f"{MJD10:.8f}"), 10, 1), (float(f"{MJD10:.8f}"), 10, 2)]
     assert history.objects["diaObjectId"].tolist() == [1]  # object 3 is outside C1
-    assert history.objects["ra"].tolist() == [150.0]
-    assert history.sources["diaObjectId"].tolist() == [1]  # no unassociated, no object 3
-    assert history.forced_sources["psfFlux"].tolist() == [90.0]
+    assert history.objects["ra"].tolist() == [150.0002]  # B's version, the later detector
 
     # A itself: an equal key is excluded, so nothing (but full-schema, typed frames).
     empty = load_history(chain, [C1], ORDER, (MJD10, 10, 1))

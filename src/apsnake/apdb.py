@@ -433,7 +433,10 @@ def load_history(root: str | Path, cells, order: int, before: tuple[float, int, 
     """The APDB history that the association of the data ID ``before`` sees in ``cells``.
 
     Reads only the fragments of committed data IDs listed in the cell index of ``cells``
-    whose key (midpointMjdTai, visit, detector) sorts strictly before ``before``.
+    that belong to an earlier visit: (midpointMjdTai, visit) sorts strictly before that of
+    ``before``. Other detectors of the same visit are never read: detectors of one exposure
+    do not overlap on the sky, so they cannot share a DiaObject, and reading them would make
+    the result depend on which one ran first.
 
     Parameters
     ----------
@@ -444,8 +447,8 @@ def load_history(root: str | Path, cells, order: int, before: tuple[float, int, 
     order : int
         HEALPix order of ``cells`` (and of the cell index read).
     before : (float, int, int)
-        (midpointMjdTai, visit, detector) of the data ID being associated; only data IDs that
-        precede it in chain order are read (an equal key, i.e. itself, is excluded).
+        (midpointMjdTai, visit, detector) of the data ID being associated; only data IDs of
+        visits that precede it are read (its own visit, itself included, is excluded).
     window_days : float
         DiaSources and DiaForcedSources are read from data IDs with
         midpointMjdTai > before[0] - window_days (days). DiaObjects have no time cut.
@@ -468,7 +471,7 @@ def load_history(root: str | Path, cells, order: int, before: tuple[float, int, 
     limit = chain_key(*before)
     candidates = _indexed_data_ids(root, cells, order)
     data_ids = sorted((mjd, visit, detector) for (visit, detector), mjd in candidates.items()
-                      if (mjd, visit, detector) < limit and marker_path(root, visit, detector).exists())
+                      if (mjd, visit) < limit[:2] and marker_path(root, visit, detector).exists())
 
     with _pool() as pool:
         # DiaObject: the keys of every version the earlier data IDs wrote, the latest version per

@@ -4,7 +4,7 @@
 
 1. **Load** (``apdb.load_history``): the current DiaObjects in the data ID's sky cells and
    their DiaSources and DiaForcedSources of the last ``history_window_days``, from data IDs
-   that come earlier in the cells' chains only (so re-running an early visit never sees later
+   of earlier visits only (so re-running an early visit never sees later
    ones). Nothing outside the cells is read.
 2. **Match** (``association.associate_sources``): one-to-one nearest neighbour within
    ``radius_arcsec``; unmatched clean sources found new DiaObjects (id = their diaSourceId),

@@ -3,9 +3,13 @@
 The sky is cut into nested HEALPix pixels ("cells") at ``order`` (``nside = 2**order``); at the
 default order 9 a cell is about 6.9 arcmin across, smaller than a DECam CCD (9 x 18 arcmin).
 Each data ID touches the cells under its footprint, padded by the association radius plus the
-uncertainty of the raw pointing. For every cell, the data IDs touching it, sorted by
-(MJD, visit, detector), form a chain; the association of a data ID runs after its predecessor in
-every chain it belongs to. Data IDs that share no cell associate in parallel.
+uncertainty of the raw pointing. For every cell, the visits touching it, sorted by (MJD,
+visit), form a chain; the association of a data ID runs after the data IDs of the previous
+visit in every cell it touches. Data IDs that share no cell associate in parallel, and so do
+the detectors of one visit: they do not overlap on the sky, so no position is seen by two of
+them and they can never share a DiaObject (``apdb.load_history`` does not read them either).
+Chaining them would also serialise a whole focal plane and make the DAG as deep as visits x
+detectors (Snakemake fails beyond ~480 chained jobs); it is as deep as the visits instead.
 
 Everything here works from the registry (footprint corners from the raw header WCS), so the
 order is known before any job runs.
@@ -123,8 +127,8 @@ class AssociationPlan:
     """Cells and chain predecessors of every data ID of one workflow run.
 
     ``cells[data_id]`` are the sorted cells it touches; ``predecessors[data_id]`` the data IDs
-    that precede it in at least one cell's chain (sorted); ``key[data_id]`` its position in
-    every chain, (MJD TAI, visit, detector).
+    of the previous visit in any of its cells' chains (sorted); ``key[data_id]`` its sort key,
+    (MJD TAI, visit, detector).
     """
 
     order: int
@@ -139,8 +143,9 @@ def association_plan(exposures, data_ids, order: int = DEFAULT_ORDER,
     """Cells and per-cell chains for ``data_ids`` from the registry's exposures table.
 
     ``exposures`` needs the columns visit, detector, mjd_mid_tai and the footprint corners
-    ra_ll/dec_ll ... ra_ul/dec_ul (degrees). Each data ID depends only on its immediate
-    predecessor in each chain, so the number of edges grows linearly with the data IDs.
+    ra_ll/dec_ll ... ra_ul/dec_ul (degrees). Each data ID depends only on the data IDs of the
+    immediately preceding visit in each of its cells (a handful), so the number of edges grows
+    linearly with the data IDs.
     """
     wanted = {(int(v), int(d)) for v, d in data_ids}
     plan = AssociationPlan(order=int(order), pad_arcsec=float(pad_arcsec))
@@ -164,7 +169,13 @@ def association_plan(exposures, data_ids, order: int = DEFAULT_ORDER,
     preds: dict[DataId, set[DataId]] = {d: set() for d in plan.cells}
     for members in chains.values():
         members.sort()
-        for (_, before), (_, after) in zip(members[:-1], members[1:]):
-            preds[after].add(before)
+        visits: list[list[DataId]] = []  # members grouped by visit, in time order
+        for i, (key, data_id) in enumerate(members):
+            if i == 0 or key[:2] != members[i - 1][0][:2]:
+                visits.append([])
+            visits[-1].append(data_id)
+        for earlier, later in zip(visits[:-1], visits[1:]):
+            for data_id in later:
+                preds[data_id].update(earlier)
     plan.predecessors = {d: sorted(p) for d, p in preds.items()}
     return plan
