@@ -56,6 +56,7 @@ import pyarrow.parquet as pq
 from apsnake import atomic
 from apsnake.errors import ApsnakeError
 from apsnake.schema import arrow_schema, conform, empty_table
+from apsnake.sphere import angular_separation_deg
 
 log = logging.getLogger(__name__)
 
@@ -510,16 +511,6 @@ def load_history(root: str | Path, cells, order: int, before: tuple[float, int, 
 
 # ---------------------------------------------------------------------------
 # Read API
-
-def angular_separation_deg(ra1, dec1, ra2, dec2) -> np.ndarray:
-    """Great-circle distance (degrees) between positions in degrees (Vincenty formula)."""
-    ra1, dec1, ra2, dec2 = (np.radians(np.asarray(x, dtype=float)) for x in (ra1, dec1, ra2, dec2))
-    dra = ra2 - ra1
-    num = np.hypot(np.cos(dec2) * np.sin(dra),
-                   np.cos(dec1) * np.sin(dec2) - np.sin(dec1) * np.cos(dec2) * np.cos(dra))
-    den = np.sin(dec1) * np.sin(dec2) + np.cos(dec1) * np.cos(dec2) * np.cos(dra)
-    return np.degrees(np.arctan2(num, den))
-
 
 class Apdb:
     """Read-only view of the committed data IDs of an APDB.

@@ -29,6 +29,7 @@ from scipy.spatial import cKDTree
 
 from apsnake.errors import ApsnakeError
 from apsnake.schema import BANDS, conform, empty_table
+from apsnake.sphere import angle_between_vectors, radec_of_vectors, unit_vectors
 
 ARCSEC_PER_RAD = 180.0 / np.pi * 3600.0
 
@@ -57,18 +58,6 @@ class AssociationError(ApsnakeError, ValueError):
 
 # ---------------------------------------------------------------------------
 # Matching
-
-def _unit_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
-    """(n, 3) unit vectors of positions in degrees."""
-    ra, dec = np.radians(ra_deg), np.radians(dec_deg)
-    cos_dec = np.cos(dec)
-    return np.column_stack([cos_dec * np.cos(ra), cos_dec * np.sin(ra), np.sin(dec)])
-
-
-def _angle_between(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Angle (radians) between rows of unit vectors; accurate at small and large angles."""
-    return np.arctan2(np.linalg.norm(np.cross(u, v), axis=1), np.einsum("ij,ij->i", u, v))
-
 
 def _greedy_pairs(src: np.ndarray, obj: np.ndarray) -> np.ndarray:
     """Indices of the accepted pairs among candidate pairs already sorted best first.
@@ -144,14 +133,14 @@ def match_one_to_one(src_ra, src_dec, obj_ra, obj_dec, radius_arcsec: float = 1.
     if src_ok.size == 0 or obj_ok.size == 0:
         return obj_index, distance
 
-    src_xyz = _unit_vectors(src_ra[src_ok], src_dec[src_ok])
-    obj_xyz = _unit_vectors(obj_ra[obj_ok], obj_dec[obj_ok])
+    src_xyz = unit_vectors(src_ra[src_ok], src_dec[src_ok])
+    obj_xyz = unit_vectors(obj_ra[obj_ok], obj_dec[obj_ok])
     radius_rad = radius_arcsec / ARCSEC_PER_RAD
     # Chord of the radius, padded a little: the exact angle decides at the boundary.
     chord = 2.0 * np.sin(min(radius_rad, np.pi) / 2.0) * (1.0 + 1e-9) + 1e-15
     pairs = cKDTree(src_xyz).sparse_distance_matrix(cKDTree(obj_xyz), chord, output_type="ndarray")
     s, o = pairs["i"].astype(np.int64), pairs["j"].astype(np.int64)
-    angle_arcsec = _angle_between(src_xyz[s], obj_xyz[o]) * ARCSEC_PER_RAD
+    angle_arcsec = angle_between_vectors(src_xyz[s], obj_xyz[o]) * ARCSEC_PER_RAD
     keep = angle_arcsec <= radius_arcsec
     s, o, angle_arcsec = s[keep], o[keep], angle_arcsec[keep]
     if s.size == 0:
@@ -489,11 +478,10 @@ def summarise_objects(object_ids, sources: pd.DataFrame, forced_sources: pd.Data
                                   "validityStartMjdTai": np.full(n, float(validity_start_mjd_tai))}
 
     # Position: mean unit vector, renormalised.
-    xyz = _unit_vectors(_float_array(src, "ra"), _float_array(src, "dec"))
+    xyz = unit_vectors(_float_array(src, "ra"), _float_array(src, "dec"))
     mean_xyz = np.column_stack([np.bincount(pos, xyz[:, k], minlength=n) for k in range(3)])
-    ra = np.degrees(np.arctan2(mean_xyz[:, 1], mean_xyz[:, 0])) % 360.0
+    ra, out["dec"] = radec_of_vectors(mean_xyz)
     out["ra"] = np.where(ra >= 360.0, 0.0, ra)
-    out["dec"] = np.degrees(np.arctan2(mean_xyz[:, 2], np.hypot(mean_xyz[:, 0], mean_xyz[:, 1])))
     for name in ("raErr", "decErr"):
         err = _float_array(src, name)
         ok = np.isfinite(err)

@@ -57,6 +57,7 @@ from scipy.spatial import cKDTree
 from scipy.special import gammainc
 
 from apsnake.errors import ApsnakeError
+from apsnake.sphere import gnomonic, inverse_gnomonic, mean_direction
 
 log = logging.getLogger(__name__)
 
@@ -150,49 +151,9 @@ class AstrometryResult:
     sip_order: int = 0
 
 
-# ---------------------------------------------------------------------------
-# Spherical helpers.
-def _gnomonic(ra, dec, ra0, dec0):
-    """Gnomonic (TAN) projection about (ra0, dec0).
-
-    Parameters
-    ----------
-    ra, dec : array_like, deg.
-    ra0, dec0 : float, tangent point, deg.
-
-    Returns
-    -------
-    xi, eta : ndarray, standard coordinates (xi towards East, eta towards North), deg;
-        NaN for points 90 degrees or more from the tangent point.
-    """
-    a = np.radians(np.asarray(ra, dtype=float) - ra0)
-    d = np.radians(np.asarray(dec, dtype=float))
-    d0 = math.radians(dec0)
-    cos_c = math.sin(d0) * np.sin(d) + math.cos(d0) * np.cos(d) * np.cos(a)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cos_c = np.where(cos_c > 1e-6, cos_c, np.nan)
-        xi = np.cos(d) * np.sin(a) / cos_c
-        eta = (math.cos(d0) * np.sin(d) - math.sin(d0) * np.cos(d) * np.cos(a)) / cos_c
-    return np.degrees(xi), np.degrees(eta)
-
-
-def _inverse_gnomonic(xi, eta, ra0, dec0):
-    """Inverse of :func:`_gnomonic`: standard coordinates (deg) -> (ra, dec) in deg."""
-    x = np.radians(np.asarray(xi, dtype=float))
-    y = np.radians(np.asarray(eta, dtype=float))
-    d0 = math.radians(dec0)
-    den = math.cos(d0) - y * math.sin(d0)
-    ra = ra0 + np.degrees(np.arctan2(x, den))
-    dec = np.degrees(np.arctan2(math.sin(d0) + y * math.cos(d0), np.hypot(x, den)))
-    return np.mod(ra, 360.0), dec
-
-
-def _mean_direction(ra, dec):
-    """Direction of the mean unit vector of (ra, dec) in deg -> (ra0, dec0) in deg."""
-    r, d = np.radians(ra), np.radians(dec)
-    v = np.array([np.mean(np.cos(d) * np.cos(r)), np.mean(np.cos(d) * np.sin(r)), np.mean(np.sin(d))])
-    return (math.degrees(math.atan2(v[1], v[0])) % 360.0,
-            math.degrees(math.atan2(v[2], math.hypot(v[0], v[1]))))
+# Points this close to 90 degrees from the tangent point (cos of the distance) get no
+# standard coordinates (NaN) in the projections below.
+_MIN_COS = 1e-6
 
 
 def _sky_residual_mas(ra, dec, ra_ref, dec_ref):
@@ -294,14 +255,14 @@ def fit_tan_sip(x, y, ra, dec, crpix, order=3, *, shape=None, inv_order=None) ->
     scale = max(float(np.max(np.abs(np.concatenate([u, v])))), 1.0)
     design = _design(u, v, terms, scale)
 
-    ra0, dec0 = _mean_direction(ra, dec)
+    ra0, dec0 = mean_direction(ra, dec)
     for _ in range(6):
-        xi, eta = _gnomonic(ra, dec, ra0, dec0)
+        xi, eta, _ = gnomonic(ra, dec, ra0, dec0, min_cos=_MIN_COS)
         coef = _lstsq(design, np.stack([xi, eta], axis=1))  # (n_terms, 2), deg
         c0 = coef[0]  # constant term: tangent-plane position of CRPIX
         if math.hypot(*c0) < 1e-10:
             break
-        ra0, dec0 = (float(a) for a in _inverse_gnomonic(c0[0], c0[1], ra0, dec0))
+        ra0, dec0 = (float(a) for a in inverse_gnomonic(c0[0], c0[1], ra0, dec0))
     # Undo the column scaling: the coefficient of u^p v^q is coef / scale^(p+q).
     powers = np.array([p + q for p, q in terms])
     coef = coef / scale ** powers[:, None]
@@ -505,13 +466,14 @@ def fit_wcs(x, y, flux, ref_ra, ref_dec, ref_mag, initial_wcs, shape=(4096, 2048
     src_ok = np.isfinite(x) & np.isfinite(y)
     src_idx = np.nonzero(src_ok)[0]
     s_ra, s_dec = initial_wcs.all_pix2world(x[src_idx], y[src_idx], 0)
-    s_xi, s_eta = _gnomonic(s_ra, s_dec, ra_c, dec_c)
+    s_xi, s_eta, _ = gnomonic(s_ra, s_dec, ra_c, dec_c, min_cos=_MIN_COS)
     s_all = np.column_stack([s_xi, s_eta]) * ARCSEC_PER_DEG
     good = np.all(np.isfinite(s_all), axis=1)
     src_idx, s_all = src_idx[good], s_all[good]
 
     ref_ok = np.isfinite(ref_ra) & np.isfinite(ref_dec)
-    r_xi, r_eta = _gnomonic(np.where(ref_ok, ref_ra, ra_c), np.where(ref_ok, ref_dec, dec_c), ra_c, dec_c)
+    r_xi, r_eta, _ = gnomonic(np.where(ref_ok, ref_ra, ra_c), np.where(ref_ok, ref_dec, dec_c), ra_c, dec_c,
+                              min_cos=_MIN_COS)
     r_all = np.column_stack([r_xi, r_eta]) * ARCSEC_PER_DEG
     ref_ok &= np.all(np.isfinite(r_all), axis=1)
 
@@ -519,7 +481,7 @@ def fit_wcs(x, y, flux, ref_ra, ref_dec, ref_mag, initial_wcs, shape=(4096, 2048
     # initial WCS (grid over the CCD) to select the footprint; distortion < 1 arcsec.
     gy, gx = np.meshgrid(np.linspace(0, ny - 1, 9), np.linspace(0, nx - 1, 5), indexing="ij")
     g_ra, g_dec = initial_wcs.all_pix2world(gx.ravel(), gy.ravel(), 0)
-    g_xi, g_eta = _gnomonic(g_ra, g_dec, ra_c, dec_c)
+    g_xi, g_eta, _ = gnomonic(g_ra, g_dec, ra_c, dec_c, min_cos=_MIN_COS)
     tp = np.column_stack([g_xi, g_eta]) * ARCSEC_PER_DEG
     aff = _lstsq(np.column_stack([tp, np.ones(len(tp))]), np.column_stack([gx.ravel(), gy.ravel()]))
     pix_scale = math.sqrt(abs(np.linalg.det(np.linalg.inv(aff[:2].T))))  # arcsec/pixel
@@ -594,7 +556,7 @@ def fit_wcs(x, y, flux, ref_ra, ref_dec, ref_mag, initial_wcs, shape=(4096, 2048
     for it in range(max(int(cfg.n_iter), 1) + 1):
         if wcs is not None:  # re-match with the current WCS
             p_ra, p_dec = wcs.all_pix2world(x_src, y_src, 0)
-            p_xi, p_eta = _gnomonic(p_ra, p_dec, ra_c, dec_c)
+            p_xi, p_eta, _ = gnomonic(p_ra, p_dec, ra_c, dec_c, min_cos=_MIN_COS)
             si, ri, _d = _unique_match(np.column_stack([p_xi, p_eta]) * ARCSEC_PER_DEG, tree,
                                        cfg.match_radius_arcsec)
             if len(si) < min_needed:

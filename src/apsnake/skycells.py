@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from apsnake.sphere import gnomonic, inverse_gnomonic, mean_direction
+
 DEFAULT_ORDER = 9
 #: Pointing error of a raw header WCS that the padding must absorb (arcsec); our astrometric
 #: matcher tolerates 90 arcsec, real DECam raws are usually within 20 arcsec.
@@ -65,13 +67,10 @@ def footprint_cells(corners_deg, order: int = DEFAULT_ORDER, pad_arcsec: float =
     corners = np.asarray(corners_deg, dtype=float).reshape(-1, 2)
     if not np.all(np.isfinite(corners)):
         raise ValueError("footprint corners are not finite (no usable WCS in the raw header)")
-    vec = _unit_vectors(corners[:, 0], corners[:, 1])
-    centre = vec.mean(axis=0)
-    centre /= np.linalg.norm(centre)
-    ra0, dec0 = _radec(centre[None, :])
-    xi, eta = _gnomonic(corners[:, 0], corners[:, 1], ra0[0], dec0[0])
-    pad = np.radians(pad_arcsec / 3600.0)
-    step = np.radians(cell_size_arcsec(order) / 4.0 / 3600.0)
+    ra0, dec0 = mean_direction(corners[:, 0], corners[:, 1])
+    xi, eta, _ = gnomonic(corners[:, 0], corners[:, 1], ra0, dec0)
+    pad = pad_arcsec / 3600.0
+    step = cell_size_arcsec(order) / 4.0 / 3600.0
     xs = _axis(xi.min() - pad, xi.max() + pad, step)
     ys = _axis(eta.min() - pad, eta.max() + pad, step)
     gx, gy = np.meshgrid(xs, ys)
@@ -79,44 +78,14 @@ def footprint_cells(corners_deg, order: int = DEFAULT_ORDER, pad_arcsec: float =
     fine_y = _axis(ys[0], ys[-1], step / 8)
     border_x = np.concatenate([fine_x, fine_x, np.full(fine_y.size, xs[0]), np.full(fine_y.size, xs[-1])])
     border_y = np.concatenate([np.full(fine_x.size, ys[0]), np.full(fine_x.size, ys[-1]), fine_y, fine_y])
-    ra, dec = _inverse_gnomonic(np.concatenate([gx.ravel(), border_x]),
-                                np.concatenate([gy.ravel(), border_y]), ra0[0], dec0[0])
+    ra, dec = inverse_gnomonic(np.concatenate([gx.ravel(), border_x]),
+                               np.concatenate([gy.ravel(), border_y]), ra0, dec0)
     return np.unique(cells_of(ra, dec, order))
 
 
 def _axis(lo: float, hi: float, step: float) -> np.ndarray:
     n = max(int(np.ceil((hi - lo) / step)), 1)
     return np.linspace(lo, hi, n + 1)
-
-
-def _unit_vectors(ra_deg, dec_deg) -> np.ndarray:
-    ra, dec = np.radians(ra_deg), np.radians(dec_deg)
-    return np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
-
-
-def _radec(vec: np.ndarray):
-    ra = np.degrees(np.arctan2(vec[:, 1], vec[:, 0])) % 360.0
-    dec = np.degrees(np.arcsin(np.clip(vec[:, 2], -1, 1)))
-    return ra, dec
-
-
-def _gnomonic(ra_deg, dec_deg, ra0_deg, dec0_deg):
-    ra, dec = np.radians(ra_deg), np.radians(dec_deg)
-    ra0, dec0 = np.radians(ra0_deg), np.radians(dec0_deg)
-    cosc = np.sin(dec0) * np.sin(dec) + np.cos(dec0) * np.cos(dec) * np.cos(ra - ra0)
-    xi = np.cos(dec) * np.sin(ra - ra0) / cosc
-    eta = (np.cos(dec0) * np.sin(dec) - np.sin(dec0) * np.cos(dec) * np.cos(ra - ra0)) / cosc
-    return xi, eta
-
-
-def _inverse_gnomonic(xi, eta, ra0_deg, dec0_deg):
-    ra0, dec0 = np.radians(ra0_deg), np.radians(dec0_deg)
-    rho = np.hypot(xi, eta)
-    c = np.arctan(rho)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dec = np.arcsin(np.cos(c) * np.sin(dec0) + np.where(rho > 0, eta * np.sin(c) * np.cos(dec0) / rho, 0.0))
-    ra = ra0 + np.arctan2(xi * np.sin(c), rho * np.cos(dec0) * np.cos(c) - eta * np.sin(dec0) * np.sin(c))
-    return np.degrees(ra) % 360.0, np.degrees(dec)
 
 
 DataId = tuple[int, int]

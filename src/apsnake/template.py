@@ -99,6 +99,7 @@ import numpy as np
 
 from apsnake.errors import ApsnakeError
 from apsnake.exposure import Exposure, PhotoCalib, PsfModel, VisitInfo
+from apsnake.sphere import gnomonic, inverse_gnomonic, radec_of_vectors, unit_vectors
 
 log = logging.getLogger(__name__)
 
@@ -122,33 +123,6 @@ class TemplateError(ApsnakeError, ValueError):
 # ---------------------------------------------------------------------------
 # Sky grid
 # ---------------------------------------------------------------------------
-def _unit_vectors(ra, dec):
-    ra, dec = np.radians(ra), np.radians(dec)
-    return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=-1)
-
-
-def _gnomonic(ra, dec, ra0, dec0):
-    """Tangent-plane coordinates (xi east, eta north; degrees) about (ra0, dec0)."""
-    ra, dec = np.radians(np.asarray(ra, float)), np.radians(np.asarray(dec, float))
-    a0, d0 = math.radians(ra0), math.radians(dec0)
-    cosc = math.sin(d0) * np.sin(dec) + math.cos(d0) * np.cos(dec) * np.cos(ra - a0)
-    xi = np.cos(dec) * np.sin(ra - a0) / cosc
-    eta = (math.cos(d0) * np.sin(dec) - math.sin(d0) * np.cos(dec) * np.cos(ra - a0)) / cosc
-    return np.degrees(xi), np.degrees(eta), cosc
-
-
-def _inverse_gnomonic(xi, eta, ra0, dec0):
-    xi, eta = np.radians(np.asarray(xi, float)), np.radians(np.asarray(eta, float))
-    a0, d0 = math.radians(ra0), math.radians(dec0)
-    rho = np.hypot(xi, eta)
-    c = np.arctan(rho)
-    sin_c, cos_c = np.sin(c), np.cos(c)
-    safe = np.where(rho > 0, rho, 1.0)
-    dec = np.arcsin(cos_c * math.sin(d0) + np.where(rho > 0, eta * sin_c * math.cos(d0) / safe, 0.0))
-    ra = a0 + np.arctan2(xi * sin_c, rho * math.cos(d0) * cos_c - eta * math.sin(d0) * sin_c)
-    return np.degrees(ra) % 360.0, np.degrees(dec)
-
-
 def _point_in_polygon(px, py, vx, vy) -> bool:
     inside = False
     n = len(vx)
@@ -274,7 +248,7 @@ class SkyGrid:
         ras = np.concatenate([ra0 + (ra1 - ra0) * t, ra0 + (ra1 - ra0) * t, np.full(17, ra0), np.full(17, ra1)])
         decs = np.concatenate([np.full(17, dec0), np.full(17, dec1), dec0 + (dec1 - dec0) * t,
                                dec0 + (dec1 - dec0) * t])
-        xi, eta, cosc = _gnomonic(ras, decs, rac, decc)
+        xi, eta, cosc = gnomonic(ras, decs, rac, decc)
         if np.any(cosc <= 0.05):
             raise TemplateError(f"sky cell {cell_id} is too large for a TAN projection")
         scale = self.pixel_scale_arcsec / 3600.0
@@ -350,27 +324,24 @@ class SkyGrid:
     def _cells_for_polygon(self, ra: tuple, dec: tuple, pad_arcsec: float) -> tuple[str, ...]:
         ra, dec = np.array(ra), np.array(dec)
         pad = max(float(pad_arcsec), 0.0) / 3600.0
-        centre = _unit_vectors(ra, dec).mean(axis=0)
-        norm = np.linalg.norm(centre)
-        if norm < 1e-6:
+        centre = unit_vectors(ra, dec).mean(axis=0)
+        if np.linalg.norm(centre) < 1e-6:
             raise TemplateError("cell_ids_for_corners: degenerate polygon")
-        centre /= norm
-        ra_c = math.degrees(math.atan2(centre[1], centre[0])) % 360.0
-        dec_c = math.degrees(math.asin(max(-1.0, min(1.0, centre[2]))))
-        xi, eta, cosc = _gnomonic(ra, dec, ra_c, dec_c)
+        ra_c, dec_c = (float(v) for v in radec_of_vectors(centre))
+        xi, eta, cosc = gnomonic(ra, dec, ra_c, dec_c)
         if np.any(cosc <= 0.1):
             raise TemplateError("cell_ids_for_corners: polygon too large (> ~80 degrees)")
         # Densify the edges (straight in the tangent plane = great circles on the sky).
         t = np.linspace(0.0, 1.0, 9)[:-1]
         xs = np.concatenate([xi[k] + (xi[(k + 1) % len(xi)] - xi[k]) * t for k in range(len(xi))])
         ys = np.concatenate([eta[k] + (eta[(k + 1) % len(eta)] - eta[k]) * t for k in range(len(eta))])
-        ras, decs = _inverse_gnomonic(xs, ys, ra_c, dec_c)
+        ras, decs = inverse_gnomonic(xs, ys, ra_c, dec_c)
         dec_lo, dec_hi = float(decs.min()) - pad, float(decs.max()) + pad
         # Does the polygon enclose a pole? Then every RA is covered near it.
         pole = None
         for sign in (1.0, -1.0):
             if sign * dec_c > 0:
-                pxi, peta, pcos = _gnomonic(0.0, 90.0 * sign, ra_c, dec_c)
+                pxi, peta, pcos = gnomonic(0.0, 90.0 * sign, ra_c, dec_c)
                 if pcos > 0.1 and _point_in_polygon(float(pxi), float(peta), xs, ys):
                     pole = sign
         if pole == 1.0:
