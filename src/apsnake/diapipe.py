@@ -37,9 +37,8 @@ import pyarrow as pa
 
 from apsnake import apdb, association, schema
 from apsnake.errors import ApsnakeError
-from apsnake.dia import aperture_correction_at
-from apsnake.exposure import Exposure, read_exposure
-from apsnake.forced import forced_source_table, measurable_objects, psf_fluxes
+from apsnake.exposure import Exposure, VisitInfo, read_visit_info
+from apsnake.forced import forced_photometry
 from apsnake.skycells import DEFAULT_ORDER, DEFAULT_PAD_ARCSEC, cells_of
 
 log = logging.getLogger(__name__)
@@ -91,8 +90,11 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
-def _exposure(value: Exposure | str | Path) -> Exposure:
-    return value if isinstance(value, Exposure) else read_exposure(value)
+def _data_id_info(value: Exposure | str | Path) -> tuple[VisitInfo, int]:
+    """Visit info and detector of an Exposure, or of an Exposure FITS without its pixels."""
+    if isinstance(value, Exposure):
+        return value.visit_info, value.detector
+    return read_visit_info(value)
 
 
 def associate_data_id(root: str | Path, dia_sources: pa.Table, difference: Exposure | str | Path,
@@ -123,10 +125,14 @@ def associate_data_id(root: str | Path, dia_sources: pa.Table, difference: Expos
     """
     cfg = config or AssociationConfig()
     started = time.perf_counter()
-    difference = _exposure(difference)
-    visit, detector = difference.data_id
+    info, detector = _data_id_info(difference)
+    visit = info.visit
     data_id = f"(visit={visit}, detector={detector})"
-    mjd = float(difference.visit_info.mjd_mid_tai)
+    science_info, science_detector = _data_id_info(science)
+    if (science_info.visit, science_detector) != (visit, detector):
+        raise AssociationStepError(f"data ID {data_id}: the calexp is of data ID "
+                                   f"({science_info.visit}, {science_detector})")
+    mjd = float(info.mjd_mid_tai)
     if not np.isfinite(mjd):
         raise AssociationStepError(f"data ID {data_id}: the difference image has no mid-exposure MJD")
     cells = sorted(int(c) for c in cells)
@@ -153,22 +159,9 @@ def associate_data_id(root: str | Path, dia_sources: pa.Table, difference: Expos
         first = association.summarise_objects(touched, all_sources, history.forced_sources, mjd).to_pandas()
         positions = _concat([positions[~positions["diaObjectId"].isin(touched)],
                              first[["diaObjectId", "ra", "dec"]]])
-    # Forced photometry: the difference image first, then the calexp, read only now (paths
-    # given: one CCD's pixels in memory at a time).
-    ids, ra, dec, x, y = measurable_objects(difference, positions["diaObjectId"].to_numpy(np.int64),
-                                            positions["ra"].to_numpy(float), positions["dec"].to_numpy(float))
-    diff_flux, diff_err = psf_fluxes(difference, x, y, "difference image")
-    info, shape = difference.visit_info, difference.shape
-    del difference
-    science = _exposure(science)
-    if science.data_id != (visit, detector) or science.shape != shape:
-        raise AssociationStepError(f"data ID {data_id}: the calexp is of data ID {science.data_id} with shape "
-                                   f"{science.shape}, the difference image has {shape}")
-    sci_flux, sci_err = psf_fluxes(science, x, y, "calexp")
-    apcorr = aperture_correction_at(science, x, y)
-    del science
-    forced = forced_source_table(info, detector, ids, ra, dec, diff_flux * apcorr, diff_err * apcorr,
-                                 sci_flux * apcorr, sci_err * apcorr, time_processed_mjd)
+    forced = forced_photometry(difference, science, positions["diaObjectId"].to_numpy(np.int64),
+                               positions["ra"].to_numpy(float), positions["dec"].to_numpy(float),
+                               time_processed_mjd)
     all_forced = _concat([history.forced_sources, forced.to_pandas()])
     objects = association.summarise_objects(touched, all_sources, all_forced, mjd) if len(touched) \
         else schema.empty_table("DiaObject")

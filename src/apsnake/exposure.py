@@ -272,6 +272,27 @@ def write_exposure(exposure: Exposure, path: str | Path) -> None:
         fits.HDUList(hdus).writeto(tmp)
 
 
+def _visit_info(primary_header) -> VisitInfo:
+    defaults = VisitInfo(visit=0)
+    kwargs = {}
+    for name, key in _VISIT_KEYS.items():
+        if key in primary_header:
+            kwargs[name] = _from_card(primary_header[key], getattr(defaults, name))
+    return VisitInfo(**kwargs)
+
+
+def read_visit_info(path: str | Path) -> tuple[VisitInfo, int]:
+    """(visit info, detector) of an Exposure FITS from its primary header, without the pixels."""
+    from astropy.io import fits
+
+    path = Path(path)
+    try:
+        header = fits.getheader(path, 0)
+    except (OSError, ValueError) as err:
+        raise ExposureFormatError(f"{path}: not a readable Exposure FITS: {err}") from err
+    return _visit_info(header), int(header.get("DETECTOR", -1))
+
+
 def _native_plane(hdu, dtype) -> np.ndarray:
     """An image HDU's pixels as a native-order array of ``dtype``, without a second copy.
 
@@ -306,12 +327,7 @@ def read_exposure(path: str | Path) -> Exposure:
                 if required not in names:
                     raise ExposureFormatError(f"{path}: no {required} extension (found {names})")
             ph = hdul[0].header
-            defaults = VisitInfo(visit=0)
-            kwargs = {}
-            for name, key in _VISIT_KEYS.items():
-                if key in ph:
-                    kwargs[name] = _from_card(ph[key], getattr(defaults, name))
-            visit_info = VisitInfo(**kwargs)
+            visit_info = _visit_info(ph)
             img_hdr = hdul["IMAGE"].header
             wcs = None
             if "CTYPE1" in img_hdr:

@@ -13,15 +13,22 @@ not measured (there is nothing to measure, so no row is written).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from apsnake import schema
 from apsnake.dia import aperture_correction_at, bad_pixels, njy_per_unit
-from apsnake.exposure import Exposure, VisitInfo
+from apsnake.errors import ApsnakeError
+from apsnake.exposure import Exposure, VisitInfo, read_exposure
 from apsnake.ids import dia_source_ids
 from apsnake.psf import psf_flux
+
+
+class ForcedPhotometryError(ApsnakeError, ValueError):
+    """A difference image and calexp that do not belong together."""
+
 
 #: Mask planes whose pixels are left out of the fits (as for DiaSource measurement).
 MEASURE_BAD_PLANES = ("BAD", "NO_DATA")
@@ -83,14 +90,16 @@ def forced_source_table(visit_info: VisitInfo, detector: int, ids, ra, dec, diff
     return schema.conform(columns, "DiaForcedSource")
 
 
-def forced_photometry(difference: Exposure, science: Exposure, object_ids, ra_deg, dec_deg,
-                      time_processed_mjd: float | None = None) -> pa.Table:
+def forced_photometry(difference: Exposure | str | Path, science: Exposure | str | Path, object_ids, ra_deg,
+                      dec_deg, time_processed_mjd: float | None = None) -> pa.Table:
     """DiaForcedSource rows of one data ID, one per measurable object, sorted by diaObjectId.
 
     Parameters
     ----------
-    difference, science : Exposure
+    difference, science : Exposure or path
         The difference image and the calexp of the data ID, on the same pixel grid (nJy).
+        Given as paths they are read one after the other, the difference image measured and
+        let go before the calexp is read, so one CCD's pixels (~100 MB) are in memory at a time.
     object_ids : array_like of int
         diaObjectId of each object to measure.
     ra_deg, dec_deg : array_like of float
@@ -104,12 +113,20 @@ def forced_photometry(difference: Exposure, science: Exposure, object_ids, ra_de
         Conforming to the DiaForcedSource schema; ``diaForcedSourceId`` packs (visit,
         detector, running index in diaObjectId order) like a diaSourceId.
     """
-    if difference.shape != science.shape:
-        raise ValueError(f"data ID {difference.data_id}: difference {difference.shape} and calexp "
-                         f"{science.shape} differ in shape")
+    difference = _exposure(difference)
     ids, ra, dec, x, y = measurable_objects(difference, object_ids, ra_deg, dec_deg)
-    apcorr = aperture_correction_at(science, x, y)
     diff_flux, diff_err = psf_fluxes(difference, x, y, "difference image")
+    info, detector, shape = difference.visit_info, difference.detector, difference.shape
+    del difference
+    science = _exposure(science)
+    if (science.visit_info.visit, science.detector) != (info.visit, detector) or science.shape != shape:
+        raise ForcedPhotometryError(f"data ID ({info.visit}, {detector}): the calexp is of data ID {science.data_id} "
+                         f"with shape {science.shape}, the difference image has {shape}")
     sci_flux, sci_err = psf_fluxes(science, x, y, "calexp")
-    return forced_source_table(difference.visit_info, difference.detector, ids, ra, dec, diff_flux * apcorr, diff_err * apcorr,
+    apcorr = aperture_correction_at(science, x, y)
+    return forced_source_table(info, detector, ids, ra, dec, diff_flux * apcorr, diff_err * apcorr,
                                sci_flux * apcorr, sci_err * apcorr, time_processed_mjd)
+
+
+def _exposure(value: Exposure | str | Path) -> Exposure:
+    return value if isinstance(value, Exposure) else read_exposure(value)
