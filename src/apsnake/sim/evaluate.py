@@ -101,8 +101,10 @@ def evaluate_data_id(sim_dir: str | Path, out_dir: str | Path, visit: int, detec
 
 def _mad(values) -> float:
     """1.4826 x the median absolute deviation (a Gaussian sigma), NaN for no values."""
+    from astropy.stats import mad_std
+
     values = np.asarray(values, float)
-    return float(1.4826 * np.median(np.abs(values - np.median(values)))) if values.size else float("nan")
+    return float(mad_std(values)) if values.size else float("nan")
 
 
 def summarise(results: list[dict]) -> dict:
@@ -135,7 +137,7 @@ def summarise(results: list[dict]) -> dict:
         "false_per_ccd_visit_away_from_bright_stars": float((~false["near_bright_star"]).sum()) / n_ccd_visits,
         "false_per_ccd_visit_near_bright_stars": float(false["near_bright_star"].sum()) / n_ccd_visits,
         "pull_median": float(np.median(pull)) if len(pull) else float("nan"),
-        "pull_scatter": float(1.4826 * np.median(np.abs(pull - np.median(pull)))) if len(pull) else float("nan"),
+        "pull_scatter": _mad(pull),
         "pull_std": float(np.std(pull)) if len(pull) else float("nan"),
         # Near the threshold only upward noise is detected (Eddington/selection bias, +0.8 at
         # true S/N 5); above S/N 8 selection no longer shapes the pulls.
