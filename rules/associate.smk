@@ -54,6 +54,12 @@ def previous_markers(wildcards):
     ]
 
 
+def data_id_cells(wildcards):
+    """The sky cells of the data ID (sorted HEALPix indices at healpix_order)."""
+    plan, data_id = planned(wildcards)
+    return plan.cells[data_id]
+
+
 rule associate:
     input:
         diaSrc=product("diaSrc", "parquet"),
@@ -72,7 +78,7 @@ rule associate:
     params:
         root=OUT,
         options=ASSOCIATION,
-        cells=lambda wildcards: planned(wildcards)[0].cells[planned(wildcards)[1]],
+        cells=data_id_cells,
     threads: 1
     resources:
         mem_mb=1500,
