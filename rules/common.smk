@@ -5,7 +5,13 @@
 import os
 import sys
 
-from apsnake.registry import find_input_files, read_table, select_data_ids
+from apsnake.registry import (
+    InputNotFound,
+    check_input_file,
+    check_input_files,
+    read_table,
+    select_data_ids,
+)
 
 OUT = config["outdir"]
 SIMULATE = config.get("simulate")
@@ -20,6 +26,28 @@ if SIMULATE and not os.path.abspath(config["raw"]).startswith(
         file=sys.stderr,
     )
     SIMULATE = None
+
+
+def simulated(location):
+    """Whether an input location lies under simulate.outdir, so that the `simulate` job
+    writes it (it need not exist when the workflow loads)."""
+    return bool(SIMULATE) and os.path.abspath(str(location)).startswith(
+        os.path.abspath(SIMULATE["outdir"]) + os.sep
+    )
+
+
+# Inputs that must already exist: a mistyped location stops the workflow here, naming the
+# config key and the location (else a raw folder that matches nothing would register no
+# exposure and the run would end "successfully" with nothing done).
+INPUT_FILES = {}
+try:
+    for key in ("raw", "calibs"):
+        if not simulated(config[key]):
+            INPUT_FILES[key] = check_input_files(key, config[key])
+    if not simulated(config["refcat"]):
+        check_input_file("refcat", config["refcat"])
+except InputNotFound as err:
+    raise err.with_traceback(None)  # the message says it all; no library frames
 REGISTRY = {
     name: f"{OUT}/registry/{name}.parquet" for name in ("exposures", "calibs", "rejected")
 }

@@ -6,10 +6,7 @@ def ingest_inputs(wildcards):
     if SIMULATE:
         # The files appear only when the simulation has run; the summary is written last.
         return {"simulation": SIM_SUMMARY}
-    return {
-        "raw": find_input_files(config["raw"]),
-        "calibs": find_input_files(config["calibs"]),
-    }
+    return INPUT_FILES  # checked in common.smk
 
 
 checkpoint ingest:

@@ -1,5 +1,6 @@
 """Ingest: headers -> registry, bad files reported, calibration selection."""
 
+import re
 import shutil
 
 import numpy as np
@@ -116,3 +117,88 @@ def test_find_input_files_folder_and_glob(tmp_path):
         (tmp_path / "night" / name).write_text("x")
     assert [p.name for p in registry.find_input_files(tmp_path / "night")] == ["a.fits.fz", "b.fits"]
     assert [p.name for p in registry.find_input_files(f"{tmp_path}/night/*.fz")] == ["a.fits.fz"]
+
+
+# ---------------------------------------------------------------------------
+# Input locations that match nothing stop the run, naming the config key and the location.
+@pytest.mark.parametrize("make, pattern", [
+    (lambda tmp: tmp / "no_such_folder", "no such file or folder"),
+    (lambda tmp: tmp / "empty", "the folder exists but holds no .fits/.fits.fz file"),
+    (lambda tmp: f"{tmp}/empty/*.fits.fz", "a folder searched recursively for .fits/.fits.fz, or a glob"),
+    (lambda tmp: tmp / "empty" / "notes.txt", "not a .fits/.fits.fz file"),
+])
+@pytest.mark.parametrize("key", ["raw", "calibs"])
+def test_check_input_files_names_the_key_and_the_location(tmp_path, key, make, pattern):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    location = make(tmp_path)
+    with pytest.raises(registry.InputNotFound) as info:
+        registry.check_input_files(key, location)
+    message = str(info.value)
+    assert message.startswith(f"config key {key!r}: {location} matches no file (")
+    assert pattern in message
+    assert isinstance(info.value, registry.IngestError)
+    (tmp_path / "empty" / "sub" / "a.fits.fz").write_text("x")  # found recursively
+    assert registry.check_input_files(key, tmp_path / "empty") == [tmp_path / "empty" / "sub" / "a.fits.fz"]
+
+
+def test_check_input_files_shows_a_relative_location_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(registry.InputNotFound, match=re.escape(f"config key 'raw': data/raw (= {tmp_path}/data/raw) matches")):
+        registry.check_input_files("raw", "data/raw")
+
+
+def test_check_input_file_refcat(tmp_path):
+    missing = tmp_path / "refcat.parquet"
+    with pytest.raises(registry.InputNotFound) as info:
+        registry.check_input_file("refcat", missing)
+    assert str(info.value) == (f"config key 'refcat': {missing} matches no file "
+                               "(a reference catalogue file: Parquet, FITS or CSV)")
+    missing.mkdir()
+    with pytest.raises(registry.InputNotFound, match=re.escape(f"config key 'refcat': {missing} is a folder")):
+        registry.check_input_file("refcat", missing)
+    present = tmp_path / "refcat.csv"
+    present.write_text("ra,dec\n")
+    assert registry.check_input_file("refcat", present) == present
+
+
+@pytest.fixture
+def junk_calibs(tmp_path):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    (folder / "junk.fits").write_text("not FITS\n")
+    return folder
+
+
+def test_run_ingest_stops_on_a_raw_location_that_matches_nothing(tmp_path, junk_calibs):
+    paths = registry.registry_paths(tmp_path / "registry")
+    with pytest.raises(registry.IngestError, match=re.escape(f"config key 'raw': {tmp_path}/rwa matches no file")):
+        registry.run_ingest(tmp_path / "rwa", junk_calibs, paths)
+    with pytest.raises(registry.IngestError, match=re.escape(f"config key 'calibs': {tmp_path}/calbs matches no file")):
+        registry.run_ingest(junk_calibs, tmp_path / "calbs", paths)
+    assert not (tmp_path / "registry").exists()
+
+
+def test_run_ingest_stops_when_every_raw_file_is_rejected(tmp_path, junk_calibs):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(4):
+        (raw / f"c4d_{i}.fits.fz").write_text("not FITS\n")
+    with pytest.raises(registry.IngestError) as info:
+        registry.run_ingest(raw, junk_calibs, registry.registry_paths(tmp_path / "registry"))
+    message = str(info.value)
+    assert message.startswith(f"config key 'raw': none of the 4 raw files under {raw} could be registered: "
+                              "4 rejected, each listed with its reason in the log above")
+    assert f"{raw}/c4d_0.fits.fz: not a readable FITS file" in message and "and 1 more" in message
+    assert not (tmp_path / "registry").exists()
+
+
+def test_cli_ingest_names_the_option(tmp_path, junk_calibs, capsys):
+    from apsnake.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["ingest", "--raw", str(tmp_path / "rwa"), "--calibs", str(junk_calibs),
+              "--registry", str(tmp_path / "registry")])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert f"option --raw: {tmp_path}/rwa matches no file" in err and "Traceback" not in err

@@ -43,10 +43,70 @@ def workflow_run(sim_test_dir, tmp_path_factory):
     return tmp_path, config, dry, run
 
 
+def _job_stats(proc):
+    """The "Job stats" table of a dry run as {rule: count}. Snakemake prints it at the start
+    and again at the end; both must agree, and their "total" must be the sum."""
+    tables = []
+    lines = (proc.stdout + proc.stderr).splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() != "Job stats:":
+            continue
+        assert lines[i + 1].split() == ["job", "count"] and set(lines[i + 2].replace(" ", "")) == {"-"}, lines[i:i + 3]
+        table = {}
+        for row in lines[i + 3:]:
+            name, count = row.split()
+            if name == "total":
+                assert int(count) == sum(table.values()), (row, table)
+                break
+            table[name] = int(count)
+        tables.append(table)
+    assert tables, "no Job stats table in the dry run's output"
+    assert all(t == tables[0] for t in tables), tables
+    return tables[0]
+
+
 def test_dry_run_lists_the_jobs(workflow_run):
-    _, _, dry, _ = workflow_run
-    text = dry.stdout + dry.stderr
-    assert "ingest" in text and "checkpoint" in text.lower()
+    tmp_path, config, dry, _ = workflow_run
+    # Before the registry exists, a dry run can only plan up to the ingest checkpoint.
+    assert _job_stats(dry) == {"ingest": 1, "all": 1}
+    assert "checkpoint" in (dry.stdout + dry.stderr).lower()
+    # After the run the registry exists and every rule's jobs can be planned. (--forceall
+    # would plan ingest again and stop at the checkpoint once more; forcing isr re-plans
+    # everything after the checkpoint.)
+    exposures = pd.read_parquet(tmp_path / "out" / "registry" / "exposures.parquet")
+    data_ids = set(zip(exposures["visit"], exposures["detector"]))
+    science = {(v, d) for v, d in data_ids if v not in (411371, 411372)}
+    assert 0 < len(science) < len(data_ids)
+    after = _run(tmp_path, config, "-n", "--forcerun", "isr")
+    assert _job_stats(after) == {
+        "isr": len(data_ids), "calibrate": len(data_ids), "template": len(science), "diffim": len(science),
+        "detectDiaSources": len(science), "associate": len(science), "all": 1,
+    }
+    assert _job_stats(_run(tmp_path, config, "-n", "--forceall")) == {"ingest": 1, "all": 1}
+
+
+@pytest.mark.parametrize("key", ["raw", "calibs", "refcat"])
+def test_mistyped_input_location_stops_the_workflow(sim_test_dir, tmp_path, key):
+    """A raw/calibs/refcat path that matches nothing: the workflow does not load, and the
+    message names the config key and the path (before, a mistyped raw folder registered
+    no exposure and the run "succeeded" with nothing done)."""
+    wrong = str(tmp_path / f"{key}_typo")
+    config = _config(sim_test_dir, tmp_path, **{key: wrong})
+    proc = _run(tmp_path, config, "-n", check=False)
+    text = proc.stdout + proc.stderr  # Snakemake 9 logs the error on stdout
+    assert proc.returncode != 0
+    assert f"config key {key!r}: {wrong} matches no file (" in text, text[-3000:]
+    assert "Job stats" not in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_simulated_inputs_need_not_exist_when_the_workflow_loads(tmp_path):
+    """With `simulate`, raw/calibs/refcat under simulate.outdir are written by the simulate
+    job, so their absence is no error."""
+    night = tmp_path / "night"
+    config = _config(night, tmp_path, simulate={"preset": "test", "seed": 1, "outdir": str(night)})
+    proc = _run(tmp_path, config, "-n")
+    assert _job_stats(proc) == {"simulate": 1, "ingest": 1, "all": 1}
 
 
 def test_full_run_builds_registry_and_postisr(workflow_run, sim_test_dir):

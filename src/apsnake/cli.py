@@ -22,7 +22,7 @@ def _ingest(args) -> int:
     from apsnake.registry import registry_paths, run_ingest
 
     with workflow_step("ingest", None):
-        run_ingest(args.raw, args.calibs, registry_paths(args.registry))
+        run_ingest(args.raw, args.calibs, registry_paths(args.registry), labels=("option --raw", "option --calibs"))
     return _show(argparse.Namespace(registry=args.registry))
 
 

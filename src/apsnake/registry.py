@@ -34,7 +34,13 @@ REJECTED_COLUMNS = ["path", "kind", "reason"]
 
 
 class IngestError(ApsnakeError, ValueError):
-    """One input file that cannot be registered; the message says why."""
+    """An input file that cannot be registered, or inputs that give nothing to register;
+    the message says why."""
+
+
+class InputNotFound(IngestError):
+    """A configured input location (``raw``, ``calibs``, ``refcat``) that matches no file;
+    the message names the config key and the location."""
 
 
 class CalibrationNotFound(ApsnakeError, LookupError):
@@ -44,12 +50,61 @@ class CalibrationNotFound(ApsnakeError, LookupError):
 def find_input_files(location: str | Path) -> list[Path]:
     """FITS files named by a folder (searched recursively) or a glob pattern, sorted."""
     text = str(location)
-    if any(ch in text for ch in "*?["):
+    if _is_glob(text):
         paths = [Path(p) for p in glob.glob(text, recursive=True)]
     else:
         root = Path(text)
         paths = list(root.rglob("*")) if root.is_dir() else ([root] if root.exists() else [])
     return sorted(p for p in paths if p.is_file() and p.name.endswith(RAW_SUFFIXES) and not p.name.startswith("."))
+
+
+def _is_glob(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def _shown(location: str | Path) -> str:
+    """A location as configured, with its absolute form when it is relative."""
+    text = str(location)
+    absolute = str(Path(text).absolute())
+    return text if absolute == text else f"{text} (= {absolute})"
+
+
+def _label(key: str, label: str | None) -> str:
+    return label if label is not None else f"config key {key!r}"
+
+
+def check_input_files(key: str, location: str | Path, label: str | None = None) -> list[Path]:
+    """The FITS files of a folder-or-glob input location (config keys ``raw``, ``calibs``).
+
+    Raises ``InputNotFound`` naming the key (or ``label``, e.g. a command-line option) and
+    the location when it matches no file: a mistyped folder must stop the run, not
+    register nothing.
+    """
+    files = find_input_files(location)
+    if files:
+        return files
+    text = str(location)
+    what = "a folder searched recursively for .fits/.fits.fz, or a glob"
+    if not _is_glob(text):
+        root = Path(text)
+        if root.is_dir():
+            what = "the folder exists but holds no .fits/.fits.fz file, searched recursively"
+        elif root.exists():
+            what = f"not a .fits/.fits.fz file; give {what}"
+        else:
+            what = f"no such file or folder; give {what}"
+    raise InputNotFound(f"{_label(key, label)}: {_shown(location)} matches no file ({what})")
+
+
+def check_input_file(key: str, path: str | Path, label: str | None = None,
+                     what: str = "a reference catalogue file: Parquet, FITS or CSV") -> Path:
+    """One input file (config key ``refcat``); raises ``InputNotFound`` naming the key (or
+    ``label``) and the path when it is missing or is not a file."""
+    location = Path(path)
+    if location.is_file():
+        return location
+    problem = "is a folder" if location.is_dir() else "matches no file"
+    raise InputNotFound(f"{_label(key, label)}: {_shown(path)} {problem} ({what})")
 
 
 def _open_headers(path: Path):
@@ -79,14 +134,6 @@ def _open_headers(path: Path):
     if truncated or expected > size:
         raise IngestError(f"file is truncated ({size} bytes, headers describe {expected})")
     return headers, kinds
-
-
-def _merged(primary, ext):
-    merged = primary.copy()
-    for key, value in ext.items():
-        if key not in ("", "COMMENT", "HISTORY"):
-            merged[key] = value
-    return merged
 
 
 def ingest_raw_file(path: str | Path) -> list[dict]:
@@ -274,16 +321,29 @@ def write_registry(registry: Registry, paths: dict[str, str | Path]) -> None:
         write_parquet(getattr(registry, name), paths[name])
 
 
-def run_ingest(raw: str | Path, calibs: str | Path, registry_paths: dict[str, str | Path]) -> Registry:
+def run_ingest(raw: str | Path, calibs: str | Path, registry_paths: dict[str, str | Path],
+               labels: tuple[str, str] = ("config key 'raw'", "config key 'calibs'")) -> Registry:
     """Find the raw and calibration files, read their headers and write the registry.
 
     Bad files are listed in the rejected table and logged; the rest are registered.
+    Raises ``IngestError`` naming the input (``labels``: how the caller names ``raw`` and
+    ``calibs``, config keys by default) and its location when either matches no file or
+    when no raw exposure can be registered; no registry is written then.
     """
-    raw_files = find_input_files(raw)
-    calib_files = find_input_files(calibs)
+    raw_files = check_input_files("raw", raw, label=labels[0])
+    calib_files = check_input_files("calibs", calibs, label=labels[1])
     log.info("ingest: %d raw files under %s, %d calibration files under %s",
              len(raw_files), raw, len(calib_files), calibs)
     registry = build_registry(raw_files, calib_files)
+    if registry.exposures.empty:
+        bad = registry.rejected[registry.rejected["kind"] == "raw"]
+        examples = "; ".join(f"{row.path}: {row.reason}" for row in bad.head(3).itertuples())
+        more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise IngestError(
+            f"{labels[0]}: none of the {len(raw_files)} raw files under {_shown(raw)} could be registered: "
+            f"{len(bad)} rejected, each listed with its reason in the log above ({examples}{more}); "
+            "no registry written"
+        )
     write_registry(registry, registry_paths)
     exposures = registry.exposures
     log.info(
