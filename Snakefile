@@ -2,12 +2,12 @@
 #
 #   raw DECam exposures --ingest--> registry (exposures, calibs, rejected)
 #   --isr--> postISR --calibrate--> calexp + src
-#   template visits' calexps --coadd--> coadd cells --template--> template per data ID
-#   calexp + template --diffim--> diffexp --detectDiaSources--> diaSrc
+#   template visits' calexps --coadd--> coadd patches --template--> template per data ID
+#   calexp + template --diffim--> diffexp + matchedTemplate --detectDiaSources--> diaSrc
 #   diaSrc (+ diffexp, calexp) + APDB state of its sky cells --associate--> APDB fragments
 #   (DiaSource, DiaObject versions, DiaForcedSource) + apdb_marker, ordered per sky cell
 #
-# Read ../shared/design/ARCHITECTURE.md for data IDs, products and DAG ordering.
+# docs/architecture.md describes data IDs, products and the DAG ordering.
 
 from snakemake.utils import min_version, validate
 
@@ -35,5 +35,5 @@ rule all:
         REGISTRY.values(),
         lambda wildcards: expand_data_ids(product("calexp")),
         lambda wildcards: expand_data_ids(product("diaSrc", "parquet"), science_only=True),
-        lambda wildcards: expand_data_ids(product("apdb_marker", "json"), science_only=True),
+        lambda wildcards: expand_data_ids(str(marker_path(OUT, "{visit}", "{detector}")), science_only=True),
     localrule: True

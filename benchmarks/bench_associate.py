@@ -52,10 +52,11 @@ import numpy as np
 from astropy.wcs import WCS
 sys.path.insert(0, "{here}")
 from make_synthetic_apdb import MJD0, VISIT0, _filled
-from apsnake import apdb, diapipe, schema
+from apsnake import apdb, schema
+from apsnake.association import pipeline
 from apsnake.exposure import Exposure, PsfModel, VisitInfo, read_exposure, write_exposure
 from apsnake.ids import dia_source_ids
-from apsnake.skycells import footprint_cells
+from apsnake.association.plan import footprint_cells
 
 root = "{root}"
 rng = np.random.default_rng(5)
@@ -112,7 +113,8 @@ os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = "1"
 import json, resource, time, warnings
 warnings.simplefilter("ignore")
 import pyarrow.parquet as pq
-from apsnake import apdb, diapipe
+from apsnake import apdb
+from apsnake.association import pipeline
 
 root = "{root}"
 setup = json.loads('{setup}')
@@ -125,7 +127,7 @@ t0 = time.perf_counter()
 dia_sources = pq.read_table(root + "/bench_diaSrc.parquet")
 t_read, rss_read = time.perf_counter() - t0, rss()
 t0 = time.perf_counter()
-marker = diapipe.associate_data_id(root, dia_sources, root + "/bench_diffexp.fits", root + "/bench_calexp.fits",
+marker = pipeline.associate_data_id(root, dia_sources, root + "/bench_diffexp.fits", root + "/bench_calexp.fits",
                                    cells)
 t_assoc = time.perf_counter() - t0
 apdb.remove_data_id(root, visit, detector)

@@ -26,7 +26,7 @@ import numpy as np
 
 from apsnake import apdb
 from apsnake.schema import BANDS, columns
-from apsnake.skycells import DEFAULT_ORDER, DEFAULT_PAD_ARCSEC, footprint_cells
+from apsnake.association.plan import DEFAULT_ORDER, DEFAULT_PAD_ARCSEC, footprint_cells
 
 MJD0 = 60000.1
 VISIT0 = 500000
@@ -74,7 +74,7 @@ def make_synthetic_apdb(root, n_visits: int = 25, n_ra: int = 8, n_dec: int = 5,
     cadence_days : float
         Time between visits (the bands cycle g, r, i).
     order, pad_arcsec
-        Cells of each data ID: ``apsnake.skycells.footprint_cells`` of its corners.
+        Cells of each data ID: ``apsnake.association.plan.footprint_cells`` of its corners.
     forced : bool
         Write forced photometry of every known object under each pointing.
 

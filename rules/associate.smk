@@ -1,20 +1,22 @@
 # Association: diaSrc (+ diffexp, calexp) + the APDB state of the data ID's sky cells
 #   -> APDB fragments (DiaSource, DiaObject versions, DiaForcedSource) + apdb_marker.
 #
-# Order (ARCHITECTURE.md section 5): the sky is cut into HEALPix cells; the visits touching a
+# Order (docs/architecture.md, association order): the sky is cut into HEALPix cells; the visits touching a
 # cell, sorted by (MJD, visit), form a chain, and each association waits for the apdb_markers
 # of the previous visit's data IDs in every cell it touches. The chains are computed from the
 # registry before any job runs; data IDs sharing no cell, and the detectors of one visit,
 # associate in parallel. No `apdb` resource is needed: every job writes only its own fragments.
 
-from apsnake.skycells import association_plan
+from apsnake.apdb import fragment_path, marker_path
+from apsnake.association.plan import association_plan
 
 ASSOCIATION = config["association"]
 _PLAN_CACHE = {}
 
 
 def apdb_fragment(table):
-    return f"{OUT}/apdb/{table}/{{visit}}/{table}_{{visit}}_{{detector}}.parquet"
+    """The rule's pattern of a data ID's APDB fragment (the library spells the path)."""
+    return str(fragment_path(OUT, table, "{visit}", "{detector}"))
 
 
 def run_association_plan():
@@ -49,8 +51,7 @@ def previous_markers(wildcards):
     """apdb_markers of the previous visit's data IDs in every sky cell of this data ID."""
     plan, data_id = planned(wildcards)
     return [
-        product("apdb_marker", "json").format(visit=v, detector=f"{d:02d}")
-        for v, d in plan.predecessors[data_id]
+        str(marker_path(OUT, v, d)) for v, d in plan.predecessors[data_id]
     ]
 
 
@@ -70,7 +71,7 @@ rule associate:
         sources=apdb_fragment("DiaSource"),
         objects=apdb_fragment("DiaObject"),
         forced=apdb_fragment("DiaForcedSource"),
-        marker=product("apdb_marker", "json"),
+        marker=str(marker_path(OUT, "{visit}", "{detector}")),
     log:
         f"{OUT}/logs/associate/{{visit}}/associate_{{visit}}_{{detector}}.log",
     benchmark:

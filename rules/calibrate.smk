@@ -15,7 +15,8 @@ rule calibrate:
     benchmark:
         f"{OUT}/benchmarks/calibrate/{{visit}}/calibrate_{{visit}}_{{detector}}.tsv"
     params:
-        options={"refcat_columns": config["refcat_columns"], **config["calibrate"]},
+        options=config["calibrate"],
+        refcat_columns=config["refcat_columns"],
     threads: 1
     resources:
         mem_mb=2000,

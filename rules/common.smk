@@ -15,17 +15,6 @@ from apsnake.registry import (
 
 OUT = config["outdir"]
 SIMULATE = config.get("simulate")
-if SIMULATE and not os.path.abspath(config["raw"]).startswith(
-    os.path.abspath(SIMULATE["outdir"]) + os.sep
-):
-    # A user config that points `raw` at real data but inherits the default `simulate`
-    # block must not simulate anything.
-    print(
-        f"apsnake: raw={config['raw']} is outside simulate.outdir={SIMULATE['outdir']}: "
-        "not simulating (set `simulate: null` to silence this)",
-        file=sys.stderr,
-    )
-    SIMULATE = None
 
 
 def simulated(location):
@@ -34,6 +23,17 @@ def simulated(location):
     return bool(SIMULATE) and os.path.abspath(str(location)).startswith(
         os.path.abspath(SIMULATE["outdir"]) + os.sep
     )
+
+
+if SIMULATE and not simulated(config["raw"]):
+    # A user config that points `raw` at real data but inherits the default `simulate`
+    # block must not simulate anything.
+    print(
+        f"apsnake: raw={config['raw']} is outside simulate.outdir={SIMULATE['outdir']}: "
+        "not simulating (set `simulate: null` to silence this)",
+        file=sys.stderr,
+    )
+    SIMULATE = None
 
 
 # Inputs that must already exist: a mistyped location stops the workflow here, naming the
@@ -57,7 +57,7 @@ wildcard_constraints:
     visit=r"\d+",
     detector=r"\d+",
     band=r"[A-Za-z0-9]+",
-    cell=r"[A-Za-z0-9_]+",
+    patch=r"[A-Za-z0-9_]+",
 
 
 def logs(name):
@@ -96,7 +96,7 @@ def exposure_row(wildcards):
 
 
 def product(name, ext="fits"):
-    """Path pattern of a per-data-ID product (ARCHITECTURE.md section 3)."""
+    """Path pattern of a per-data-ID product (docs/architecture.md §3.1)."""
     return f"{OUT}/{name}/{{visit}}/{name}_{{visit}}_{{detector}}.{ext}"
 
 

@@ -1,4 +1,5 @@
-# Difference imaging and DIA sources: calexp + template -> diffexp -> diaSrc.
+# Difference imaging and DIA sources: calexp + template -> diffexp (+ the PSF-matched
+# template) -> diaSrc.
 
 
 rule diffim:
@@ -9,6 +10,7 @@ rule diffim:
     output:
         diffexp=product("diffexp"),
         metadata=product("diffexp", "json"),
+        matched_template=product("matchedTemplate"),
     log:
         f"{OUT}/logs/diffim/{{visit}}/diffim_{{visit}}_{{detector}}.log",
     benchmark:
@@ -30,7 +32,7 @@ rule detectDiaSources:
         diffexp=product("diffexp"),
         metadata=product("diffexp", "json"),
         calexp=product("calexp"),
-        template=product("template"),
+        matched_template=product("matchedTemplate"),
     output:
         diaSrc=product("diaSrc", "parquet"),
     log:

@@ -38,13 +38,7 @@ rule isr:
         f"{OUT}/benchmarks/isr/{{visit}}/isr_{{visit}}_{{detector}}.tsv"
     params:
         calibs=isr_calibrations,
-        options={
-            "linearity": config["isr"]["linearity"],
-            "crosstalk": config["isr"]["crosstalk"],
-            "saturation_source": config["isr"]["saturation_source"],
-            "num_edge_suspect": config["isr"]["num_edge_suspect"],
-            "crosstalk_min_pixel_to_mask": config["isr"]["crosstalk_min_pixel_to_mask"],
-        },
+        options=config["isr"],
     threads: 1
     resources:
         mem_mb=1500,

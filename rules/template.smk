@@ -1,19 +1,20 @@
-# Templates: template visits' calexps -> coadd cells on a fixed sky grid -> per data ID,
-# the coadd warped onto the calexp's pixel grid (ARCHITECTURE.md section 6).
+# Templates: template visits' calexps -> coadd patches on a fixed sky grid -> per data ID,
+# the coadd (or the best single template visit) warped onto the calexp's pixel grid
+# (docs/architecture.md, templates).
 
-from apsnake.template import SkyGrid
+from apsnake.templates.skygrid import SkyGrid
 
-SKY_GRID = SkyGrid(cell_size_deg=config["templates"]["cell_size_deg"])
+SKY_GRID = SkyGrid(patch_size_deg=config["templates"]["patch_size_deg"])
 TEMPLATE_VISITS = set(config["templates"]["visits"])
-CELL_PAD_ARCSEC = config["templates"]["cell_pad_arcsec"]
+PATCH_PAD_ARCSEC = config["templates"]["patch_pad_arcsec"]
 
 
-def cells_of(row):
-    """Sky cells touched by a data ID's footprint (registry corners, padded)."""
-    return SKY_GRID.cell_ids_for_corners(
+def patches_of(row):
+    """Patches touched by a data ID's footprint (registry corners, padded)."""
+    return SKY_GRID.patch_ids_for_corners(
         [row["ra_ll"], row["ra_lr"], row["ra_ur"], row["ra_ul"]],
         [row["dec_ll"], row["dec_lr"], row["dec_ur"], row["dec_ul"]],
-        pad_arcsec=CELL_PAD_ARCSEC,
+        pad_arcsec=PATCH_PAD_ARCSEC,
     )
 
 
@@ -30,38 +31,38 @@ def coadd_inputs(wildcards):
     return [
         product("calexp").format(visit=r["visit"], detector=f"{int(r['detector']):02d}")
         for _, r in rows.iterrows()
-        if wildcards.cell in cells_of(r)
+        if wildcards.patch in patches_of(r)
     ]
 
 
 def template_inputs(wildcards):
-    """Coadd cells under the data ID (mode coadd), or the template visits' calexps that
-    share a sky cell with it (mode single)."""
+    """Coadd patches under the data ID (mode coadd), or the template visits' calexps that
+    share a patch with it (mode single)."""
     row = exposure_row(wildcards)
-    cells = set(cells_of(row))
+    patches = set(patches_of(row))
     if config["templates"]["mode"] == "single":
         rows = template_rows()
         rows = rows[rows["band"] == row["band"]]
         return [
             product("calexp").format(visit=r["visit"], detector=f"{int(r['detector']):02d}")
             for _, r in rows.iterrows()
-            if cells & set(cells_of(r))
+            if patches & set(patches_of(r))
         ]
-    return [f"{OUT}/coadd/{row['band']}/{cell}.fits" for cell in sorted(cells)]
+    return [f"{OUT}/coadd/{row['band']}/{patch}.fits" for patch in sorted(patches)]
 
 
 rule coadd:
     input:
         calexps=coadd_inputs,
     output:
-        coadd=f"{OUT}/coadd/{{band}}/{{cell}}.fits",
+        coadd=f"{OUT}/coadd/{{band}}/{{patch}}.fits",
     log:
-        f"{OUT}/logs/coadd/{{band}}/coadd_{{cell}}.log",
+        f"{OUT}/logs/coadd/{{band}}/coadd_{{patch}}.log",
     benchmark:
-        f"{OUT}/benchmarks/coadd/{{band}}/coadd_{{cell}}.tsv"
+        f"{OUT}/benchmarks/coadd/{{band}}/coadd_{{patch}}.tsv"
     params:
-        cell_size_deg=config["templates"]["cell_size_deg"],
-        homogenize_psf=config["templates"]["homogenize_psf"],
+        sky_grid=SKY_GRID,
+        options=config["templates"]["coadd"],
     threads: 1
     resources:
         mem_mb=4000,

@@ -1,27 +1,21 @@
 """Snakemake adapter: associate one data ID's DIA sources into the Parquet APDB."""
 
-from pathlib import Path
-
 import pyarrow.parquet as pq
 
-from apsnake import apdb, diapipe
+from apsnake.association import AssociationConfig, associate_data_id
 from apsnake.logs import workflow_step
+from apsnake.options import dataclass_from_options
 
 visit, detector = int(snakemake.wildcards.visit), int(snakemake.wildcards.detector)
-root = Path(snakemake.params.root)
 
 with workflow_step("associate", snakemake.log[0], f"visit={visit} detector={detector}") as log:
-    expected = {apdb.fragment_path(root, t, visit, detector) for t in apdb.TABLES}
-    expected.add(apdb.marker_path(root, visit, detector))
-    if {Path(p).resolve() for p in snakemake.output} != {p.resolve() for p in expected}:
-        raise RuntimeError(f"rule outputs {list(snakemake.output)} differ from the APDB layout {sorted(expected)}")
-    marker = diapipe.associate_data_id(
-        root,
+    marker = associate_data_id(
+        snakemake.params.root,
         pq.read_table(snakemake.input.diaSrc),
         snakemake.input.diffexp,  # paths: read one at a time inside
         snakemake.input.calexp,
         cells=snakemake.params.cells,
-        config=diapipe.config_from_options(snakemake.params.options),
+        config=dataclass_from_options(AssociationConfig, snakemake.params.options, "association"),
     )
     log.info(
         "visit=%d detector=%d: %d DiaSources, %d new and %d updated DiaObjects, %d unassociated "

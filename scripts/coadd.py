@@ -1,15 +1,14 @@
-"""Snakemake adapter: coadd the template visits' calexps on one sky cell."""
+"""Snakemake adapter: coadd the template visits' calexps on one patch of the sky grid."""
 
 from apsnake.exposure import read_exposure, write_exposure
 from apsnake.logs import workflow_step
-from apsnake.template import CoaddConfig, SkyGrid, make_coadd, warp_exposure
+from apsnake.options import dataclass_from_options
+from apsnake.templates import CoaddConfig, make_coadd, warp_exposure
 
-band, cell = snakemake.wildcards.band, snakemake.wildcards.cell
+band, patch = snakemake.wildcards.band, snakemake.wildcards.patch
 
-with workflow_step("coadd", snakemake.log[0], f"band={band} cell={cell}"):
-    wcs, shape = SkyGrid(cell_size_deg=snakemake.params.cell_size_deg).cell_wcs(cell)
-    warped = []
-    for path in snakemake.input.calexps:
-        warped.append(warp_exposure(read_exposure(path), wcs, shape))
-    config = CoaddConfig(homogenize_psf=bool(snakemake.params.homogenize_psf))
-    write_exposure(make_coadd(warped, config, cell_id=cell, wcs=wcs, shape=shape, band=band), snakemake.output.coadd)
+with workflow_step("coadd", snakemake.log[0], f"band={band} patch={patch}"):
+    config = dataclass_from_options(CoaddConfig, snakemake.params.options, "templates.coadd")
+    wcs, shape = snakemake.params.sky_grid.patch_wcs(patch)
+    warped = [warp_exposure(read_exposure(path), wcs, shape) for path in snakemake.input.calexps]
+    write_exposure(make_coadd(warped, config, patch_id=patch, wcs=wcs, shape=shape, band=band), snakemake.output.coadd)

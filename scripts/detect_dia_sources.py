@@ -4,22 +4,25 @@ import json
 
 import pyarrow.parquet as pq
 
-from apsnake import dia, schema
+from apsnake import schema
 from apsnake.atomic import atomic_output
+from apsnake.dia import DiaConfig, detect_dia_sources
 from apsnake.exposure import read_exposure
 from apsnake.logs import workflow_step
+from apsnake.options import dataclass_from_options
 
 visit, detector = int(snakemake.wildcards.visit), int(snakemake.wildcards.detector)
 
 with workflow_step("detectDiaSources", snakemake.log[0], f"visit={visit} detector={detector}") as log:
+    config = dataclass_from_options(DiaConfig, snakemake.params.options, "dia")
     metadata = json.loads(open(snakemake.input.metadata).read())
     if metadata.get("skipped"):
         log.warning("visit=%d detector=%d: no difference image (%s); empty diaSrc", visit, detector, metadata["reason"])
         table = schema.empty_table("DiaSource")
     else:
-        table = dia.detect_dia_sources(
+        table = detect_dia_sources(
             read_exposure(snakemake.input.diffexp), read_exposure(snakemake.input.calexp),
-            read_exposure(snakemake.input.template), dia.config_from_options(snakemake.params.options),
+            read_exposure(snakemake.input.matched_template), config,
         )
     log.info("visit=%d detector=%d: %d DIA sources", visit, detector, table.num_rows)
     with atomic_output(snakemake.output.diaSrc) as tmp:

@@ -7,16 +7,17 @@ from apsnake.atomic import write_text
 from apsnake.exposure import write_exposure
 from apsnake.instruments import decam
 from apsnake.logs import workflow_step
+from apsnake.options import dataclass_from_options
 
 visit, detector = int(snakemake.wildcards.visit), int(snakemake.wildcards.detector)
 calibs = snakemake.params.calibs
-options = snakemake.params.options
 
 with workflow_step("isr", snakemake.log[0], f"visit={visit} detector={detector}"):
+    config = dataclass_from_options(isr.IsrConfig, snakemake.params.options, "isr")
     if calibs.get("error"):
         raise isr.IsrInputError(calibs["error"])
     # The CCD and its crosstalk sources present in the same file, read in one open.
-    sources = decam.crosstalk_source_ccds(detector) if options["crosstalk"] else []
+    sources = decam.crosstalk_source_ccds(detector) if config.crosstalk else []
     ccds = decam.read_raw_ccds(snakemake.input.raw, [detector, *sources], optional=sources)
     raw = ccds.pop(detector)
     bias, _, _ = decam.read_master_calibration(snakemake.input.bias, detector, calibs["bias_hdu"])
@@ -24,17 +25,9 @@ with workflow_step("isr", snakemake.log[0], f"visit={visit} detector={detector}"
     bpm = None
     if snakemake.input.get("bpm"):
         bpm, _, _ = decam.read_master_calibration(snakemake.input.bpm, detector, calibs["bpm_hdu"])
-    linearity = None
-    if options["linearity"]:
-        linearity = decam.read_linearity_table(options["linearity"], detector)
+    linearity = decam.read_linearity_table(config.linearity, detector) if config.linearity else None
     result = isr.run_isr(
-        raw, bias, flat, bpm, crosstalk_source_ccds=list(ccds.values()), linearity=linearity,
-        config=isr.IsrConfig(
-            do_crosstalk=options["crosstalk"],
-            saturation_source=options["saturation_source"],
-            num_edge_suspect=options["num_edge_suspect"],
-            crosstalk_min_pixel_to_mask=options["crosstalk_min_pixel_to_mask"],
-        ),
+        raw, bias, flat, bpm, crosstalk_source_ccds=list(ccds.values()), linearity=linearity, config=config,
         calib_paths={k: snakemake.input.get(k) for k in ("bias", "flat", "bpm") if snakemake.input.get(k)},
         flat_band=decam.band_from_filter(str(flat_primary.get("FILTER", "")))[0],
     )

@@ -1,10 +1,10 @@
 """Snakemake adapter: the template of one data ID on its calexp's pixel grid, from the
-overlapping coadd cells (templates.mode: coadd) or the best-covering template visit
+overlapping coadd patches (templates.mode: coadd) or the best-covering template visit
 (templates.mode: single)."""
 
 from apsnake.exposure import read_exposure, write_exposure
 from apsnake.logs import workflow_step
-from apsnake.template import best_single_visit_template, template_for_exposure
+from apsnake.templates import best_single_visit_template, template_for_exposure
 
 visit, detector = int(snakemake.wildcards.visit), int(snakemake.wildcards.detector)
 

@@ -18,7 +18,7 @@ from apsnake.apdb import (Apdb, ApdbError, cell_index_dir, commit_data_id, fragm
 from apsnake.errors import ApsnakeError
 from apsnake.ids import dia_source_ids
 from apsnake.schema import arrow_schema, column_names, columns
-from apsnake.skycells import DEFAULT_ORDER, cells_of
+from apsnake.association.plan import DEFAULT_ORDER, cells_of
 
 ORDER = DEFAULT_ORDER
 P1 = (150.0, 2.0)
@@ -127,6 +127,11 @@ def test_layout_and_marker(tmp_path):
                      nNewDiaObjects=1)
     assert fragment_path(root, "DiaSource", 10, 1) == root / "apdb/DiaSource/10/DiaSource_10_01.parquet"
     assert marker_path(root, 10, 1) == root / "apdb_marker/10/apdb_marker_10_01.json"
+    # The same functions spell the workflow rules' patterns.
+    assert str(fragment_path("out", "DiaObject", "{visit}", "{detector}")) == \
+        "out/apdb/DiaObject/{visit}/DiaObject_{visit}_{detector}.parquet"
+    assert str(marker_path("out", "{visit}", "{detector}")) == "out/apdb_marker/{visit}/apdb_marker_{visit}_{detector}.json"
+    assert marker_path("out", "10", "1") == marker_path("out", 10, 1)
     for name in apdb.TABLES:
         table = pq.read_table(fragment_path(root, name, 10, 1))
         assert table.schema.equals(arrow_schema(name))

@@ -4,7 +4,6 @@ Expectations are computed by hand (or with an independent reference: astropy sep
 a sequential greedy loop, plain numpy statistics per object).
 """
 
-import time
 
 import numpy as np
 import pandas as pd
@@ -13,7 +12,7 @@ import pytest
 from astropy import units as u
 from astropy.coordinates import SkyCoord
 
-from apsnake import association
+from apsnake.association import match
 from apsnake.association import (NEW_OBJECT_BAD_FLAGS, AssociationError, associate_sources,
                                  can_found_object, match_one_to_one, summarise_objects)
 from apsnake.errors import ApsnakeError
@@ -142,7 +141,7 @@ def test_matches_sequential_greedy_on_crowded_field(rng, monkeypatch):
     sep = SkyCoord(src_ra[index >= 0] * u.deg, src_dec[index >= 0] * u.deg).separation(
         SkyCoord(obj_ra[index[index >= 0]] * u.deg, obj_dec[index[index >= 0]] * u.deg)).arcsec
     np.testing.assert_allclose(dist[index >= 0], sep, atol=1e-8)
-    monkeypatch.setattr(association, "_MAX_VECTOR_ROUNDS", 1)
+    monkeypatch.setattr(match, "_MAX_VECTOR_ROUNDS", 1)
     np.testing.assert_array_equal(match_one_to_one(src_ra, src_dec, obj_ra, obj_dec)[0], expected)
 
 
@@ -426,11 +425,7 @@ def test_summary_matches_per_object_reference_and_is_fast(rng):
     forced = pd.DataFrame({"diaObjectId": ids, "band": src["band"], "psfFlux": src["psfFlux"] * 0.9,
                            "psfFluxErr": src["psfFluxErr"]})
     object_ids = np.unique(ids)
-    summarise_objects(object_ids[:10], src, forced, 60101.0)  # warm-up (imports, caches)
-    start = time.perf_counter()
-    table = summarise_objects(object_ids, src, forced, 60101.0)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 1.0, f"{elapsed:.3f} s for {n_obj} objects / {n_src} sources"
+    table = summarise_objects(object_ids, src, forced, 60101.0)  # its time: benchmarks/bench_associate.py
 
     out = table.to_pandas().set_index("diaObjectId")
     for oid in object_ids[:: n_obj // 20]:

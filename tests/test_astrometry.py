@@ -9,7 +9,6 @@ cutouts and Gaia DR2 chunks of legacypipe's test cases (../shared/data/real/lega
 
 import glob
 import math
-import time
 import warnings
 from pathlib import Path
 
@@ -230,17 +229,14 @@ def test_fit_wcs_recovers_offset_and_rotated_field(rng, kind):
     assert res.wcs.pixel_shape == (NX, NY)
 
 
-def test_fit_wcs_is_fast(rng):
+def test_fit_wcs_with_as_many_spurious_sources_as_real_ones(rng):
     """~2000 sources (half spurious) against ~1000 reference stars in the footprint."""
     true = _tpv_truth()
     x, y, flux, ra, dec, mag, truth = _make_field(true, rng, n_ref=1000, drop=0.0, spurious=1.0)
     initial = _perturb(true, -50.0, 30.0, -1.0)
-    fit_wcs(x, y, flux, ra, dec, mag, initial)  # warm-up (imports, caches)
-    t0 = time.perf_counter()
-    res = fit_wcs(x, y, flux, ra, dec, mag, initial)
-    elapsed = time.perf_counter() - t0
+    res = fit_wcs(x, y, flux, ra, dec, mag, initial)  # its time: benchmarks/bench_calibrate.py
     assert len(x) >= 1900 and res.n_matches > 0.95 * truth["n_real"]
-    assert elapsed < 0.5, f"fit_wcs took {elapsed:.3f} s"
+    assert _sky_distance_mas(res.wcs, true, *_grid()).max() < 50
 
 
 def test_fit_wcs_plain_tan_initial_wcs(rng):

@@ -111,7 +111,7 @@ def test_n_chip_layout_differs():
     assert amps["A"].data.slices == (slice(0, 4096), slice(56, 1080))
     assert amps["A"].parallel_overscan.slices == (slice(4096, 4146), slice(56, 1080))
     assert amps["B"].serial_overscan.slices == (slice(0, 4096), slice(2104, 2154))
-    assert kw["DETSEC"] == "[14337:16384,1:4096]"  # real N1 value (DECAM_FORMAT.md 2.3)
+    assert kw["DETSEC"] == "[14337:16384,1:4096]"  # real N1 value (docs/formats.md §3.3)
     assert decam.readout_corner(32, "A") == "LL"
 
 

@@ -6,7 +6,6 @@ D = S - T with variance var(S) + var(T). Transients are injected into S only, va
 sources into T only, misregistered stars into both at slightly different positions.
 """
 
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from scipy.spatial import cKDTree
 from scipy.special import erf
 
 from apsnake.dia import DiaConfig, DiaError, detect_dia_sources
-from apsnake.exposure import Exposure, PhotoCalib, PsfModel, VisitInfo
+from apsnake.exposure import Exposure, ExposureUnitError, PhotoCalib, PsfModel, VisitInfo
 from apsnake.ids import unpack
 from apsnake.schema import DIA_SOURCE_SCHEMA
 
@@ -361,7 +360,7 @@ def test_image_units_go_through_photocalib():
     for col in ("psfFlux", "psfFluxErr", "apFlux", "scienceFlux", "templateFluxErr"):
         assert df[col][0] == pytest.approx(ref[col][0], rel=1e-4), col
     diff.photo_calib = None
-    with pytest.raises(DiaError, match="nJy"):
+    with pytest.raises(ExposureUnitError, match="nJy"):
         detect_dia_sources(diff, sci, tmpl)
 
 
@@ -376,8 +375,8 @@ def test_bad_inputs_raise():
         detect_dia_sources(diff, small, tmpl)
 
 
-def test_full_detector_timing():
-    """2048x4096 with ~100 sources: well under a second on one core (target < 1 s)."""
+def test_full_detector():
+    """2048x4096 with ~100 sources (its time is measured in benchmarks/bench_diffim.py)."""
     rng = np.random.default_rng(9)
     shape = (4096, 2048)
     n = 100
@@ -386,19 +385,27 @@ def test_full_detector_timing():
     diff, sci, tmpl = make_images(shape=shape, transients=list(zip(x[:70], y[:70], flux[:70])),
                                   vanished=list(zip(x[70:], y[70:], flux[70:])),
                                   dipoles=[(1000.3, 2000.7, 3e4, 1.2, -0.7)], seed=8)
-    detect_dia_sources(diff, sci, tmpl, NO_FILTER, time_processed_mjd=1.0)  # warm caches and imports
-    t0 = time.perf_counter()
-    table = detect_dia_sources(diff, sci, tmpl, NO_FILTER, time_processed_mjd=1.0)
-    elapsed = time.perf_counter() - t0
-    assert table.num_rows >= n  # close pairs may merge; the dipole is one more
-    assert elapsed < 2.0, f"{elapsed:.2f} s"
+    table = detect_dia_sources(diff, sci, tmpl, NO_FILTER, time_processed_mjd=1.0).to_pandas()
+    assert len(table) >= n  # the dipole is one more
+    # Every injected source without a neighbour within 15 px (closer ones share a footprint) is
+    # found within 1 px, with the right sign.
+    separation = np.hypot(x[:, None] - x[None, :], y[:, None] - y[None, :]) + np.eye(n) * 1e9
+    alone = separation.min(axis=1) > 15
+    dist = np.hypot(table["x"].to_numpy()[:, None] - x[None, :], table["y"].to_numpy()[:, None] - y[None, :])
+    nearest = dist.argmin(axis=0)
+    assert alone.sum() > 90 and (dist.min(axis=0)[alone] < 1.0).all()
+    negative = table["isNegative"].to_numpy()[nearest]
+    assert negative[70:][alone[70:]].all() and not negative[:70][alone[:70]].any()
 
 
 def test_config_from_options():
-    from apsnake.dia import config_from_options
+    from apsnake.options import OptionsError, dataclass_from_options
 
-    cfg = config_from_options({"threshold": 6.0, "drop_center_any": ["BAD", "SAT"], "apply_filter": False})
+    cfg = dataclass_from_options(DiaConfig, {"threshold": 6.0, "drop_center_any": ["BAD", "SAT"], "apply_filter": False},
+                                 "dia")
     assert cfg.threshold == 6.0 and cfg.drop_center_any == ("BAD", "SAT") and not cfg.apply_filter
-    assert config_from_options(None) == DiaConfig()
-    with pytest.raises(DiaError, match="thresold"):
-        config_from_options({"thresold": 5})
+    assert dataclass_from_options(DiaConfig, None, "dia") == DiaConfig()
+    with pytest.raises(OptionsError, match="thresold"):
+        dataclass_from_options(DiaConfig, {"thresold": 5}, "dia")
+    with pytest.raises(DiaError, match="threshold"):
+        dataclass_from_options(DiaConfig, {"threshold": -1}, "dia")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -253,7 +252,6 @@ def test_al_matched_template_and_psf(al_pair):
     for key in ("kernel_size", "kernel_sigmas", "n_kernel_stars", "kernel_residual_mean", "kernel_residual_std",
                 "template_coverage", "differenceFootprintRatioMean", "differenceFootprintRatioStdev", "time_s"):
         assert key in result.metadata
-    assert result.score is None
     json.dumps(result.metadata)  # plain types only
 
 
@@ -337,14 +335,18 @@ def test_skip_when_too_few_kernel_stars():
 
 
 def test_config_from_options_and_skipped_difference(tmp_path):
-    from apsnake.diffim import config_from_options, skipped_difference
+    from apsnake.diffim import skipped_difference
     from apsnake.exposure import read_exposure, write_exposure
+    from apsnake.options import OptionsError, dataclass_from_options
 
-    assert config_from_options(None) == DiffimConfig()
-    cfg = config_from_options({"method": "zogy", "degrees": [4, 2, 2], "kernel_star_snr": [20, 400]})
+    assert dataclass_from_options(DiffimConfig, None, "diffim") == DiffimConfig()
+    cfg = dataclass_from_options(DiffimConfig, {"method": "zogy", "degrees": [4, 2, 2], "kernel_star_snr": [20, 400]},
+                                 "diffim")
     assert cfg.method == "zogy" and cfg.degrees == (4, 2, 2) and cfg.kernel_star_snr == (20, 400)
-    with pytest.raises(DiffimError, match="unknown diffim option"):
-        config_from_options({"kernel_sise": 21})
+    with pytest.raises(OptionsError, match="unknown diffim option"):
+        dataclass_from_options(DiffimConfig, {"kernel_sise": 21}, "diffim")
+    with pytest.raises(DiffimError, match="method"):
+        dataclass_from_options(DiffimConfig, {"method": "hotpants"}, "diffim")
     science, template, sources, _ = make_pair(shape=(128, 128), n_stars=20, n_var=0, n_trans=0, seed=9)
     try:
         subtract(science, template, sources.iloc[:1])
@@ -385,9 +387,16 @@ def test_without_decorrelation_variance_and_psf(al_pair):
 
 def test_zogy(al_pair):
     science, template, sources, truth, _ = al_pair
+    from apsnake.detection import smooth_for_detection
+    from apsnake.psf import psf_sigma
+
     result = subtract(science, template, sources, DiffimConfig(method="zogy"))
-    diff, score = result.difference, result.score
-    assert score is not None and score.shape == science.image.shape
+    diff = result.difference
+    # The significance the DIA detector sees: D filtered with (a Gaussian of the width of) P_D,
+    # over its noise from the variance plane.
+    smooth, noise = smooth_for_detection(diff.image, diff.variance, diff.mask_of("NO_DATA"),
+                                         psf_sigma(diff.psf, 255.5, 255.5))
+    score = smooth / noise
     peaks = []
     for x, y in zip(truth["tx"], truth["ty"]):
         ix, iy = int(round(x)), int(round(y))
@@ -398,34 +407,30 @@ def test_zogy(al_pair):
     free = _source_free(truth, diff, grow=10)
     s_std = np.std(score[free])
     f, e, _, _ = psf_flux(diff.image, diff.variance, diff.psf, truth["tx"], truth["ty"])
-    print(f"ZOGY: S_corr at transients {np.round(peaks, 1)}, noise std {s_std:.3f}; flux pulls "
+    print(f"ZOGY: significance at transients {np.round(peaks, 1)}, noise std {s_std:.3f}; flux pulls "
           f"{np.round((f - truth['tf']) / e, 2)}; D noise ratio "
           f"{np.var(diff.image[free]) / np.mean(diff.variance[free]):.3f}")
     assert min(peaks) > 10
     assert abs(s_std - 1) < 0.1
     assert np.all(np.abs(f - truth["tf"]) < 3.5 * e)
     assert abs(np.var(diff.image[free]) / np.mean(diff.variance[free]) - 1) < 0.1
-    # static stars: S_corr consistent with noise at faint static stars
+    # static stars: significance consistent with noise at faint static stars
     idx = _isolated_static(truth)
     faint = idx[truth["snr"][idx] < 100]
     at_stars = score[np.round(truth["y"][faint]).astype(int), np.round(truth["x"][faint]).astype(int)]
     assert np.std(at_stars) < 1.5
 
 
-def test_full_ccd_timing_and_spatial_kernel():
+def test_full_ccd_spatial_kernel():
     """A full 2048 x 4096 DECam CCD with a science FWHM varying from 4.6 to 5.4 px along y."""
     shape = (4096, 2048)
     science, template, sources, truth = make_pair(
         shape=shape, n_stars=2000, sci=("gauss", 5.0), tpl=("gauss", 3.5), n_trans=10, n_var=6, seed=11,
         sci_fwhm_map=lambda x, y: 4.6 + 0.8 * y / shape[0])
-    t0 = time.perf_counter()
-    result = subtract(science, template, sources)
-    elapsed = time.perf_counter() - t0
+    result = subtract(science, template, sources)  # its time: benchmarks/bench_diffim.py
     meta = result.metadata
-    steps = {k: round(v, 3) for k, v in meta.items() if k.startswith("time")}
-    print(f"full CCD: {elapsed:.2f} s ({steps}), {meta['n_kernel_stars']} kernel stars, "
-          f"kernel sum {meta['kernel_sum']:.4f}, residual std {meta['kernel_residual_std']:.3f}")
-    assert elapsed < 8.0  # target < 2 s on one core; generous here for shared CI machines
+    print(f"full CCD: {meta['n_kernel_stars']} kernel stars, kernel sum {meta['kernel_sum']:.4f}, "
+          f"residual std {meta['kernel_residual_std']:.3f}")
     assert meta["kernel_spatial_order"] == 1 and meta["n_kernel_stars"] > 500
     assert meta["kernel_residual_std"] < 1.15
     diff = result.difference

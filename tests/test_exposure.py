@@ -5,7 +5,7 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from apsnake.exposure import (DEFAULT_MASK_PLANES, Exposure, ExposureFormatError, PhotoCalib, PsfModel,
+from apsnake.exposure import (DEFAULT_MASK_PLANES, Exposure, ExposureFormatError, ExposureUnitError, PhotoCalib, PsfModel,
                               VisitInfo, read_exposure, write_exposure)
 
 
@@ -97,6 +97,31 @@ def test_mask_helpers(rng):
     sat = exp.mask_of("SAT")
     np.testing.assert_array_equal(sat, exp.image > 108)
     assert not exp.mask_of("NO_SUCH_PLANE").any()
+    assert exp.bits("SAT", "BAD", "NO_SUCH_PLANE") == (1 << DEFAULT_MASK_PLANES["SAT"]) | 1 and exp.bits() == 0
+    # Bad pixels: a named plane, a non-finite value or a non-positive variance.
+    exp.image[0, 0], exp.variance[0, 1] = np.nan, 0.0
+    bad = exp.bad_pixels(["SAT"])
+    assert bad[0, 0] and bad[0, 1] and (bad[sat]).all() and bad.sum() <= sat.sum() + 2
+
+
+def test_translate_mask_into_another_plane_numbering():
+    exp = Exposure.empty((2, 3), VisitInfo(visit=1), detector=1)
+    foreign_planes = {"SAT": 4, "FOO": 12}  # SAT where this exposure has EDGE; FOO unknown here
+    foreign = np.array([[1 << 4, 1 << 12, 0], [(1 << 4) | (1 << 12), 0, 0]], np.int32)
+    out = exp.translate_mask(foreign, foreign_planes)
+    assert "FOO" in exp.mask_planes and exp.mask_planes["SAT"] == 1
+    expected = np.array([[exp.bits("SAT"), exp.bits("FOO"), 0], [exp.bits("SAT", "FOO"), 0, 0]], np.int32)
+    np.testing.assert_array_equal(out, expected)
+    same = np.array([[2, 0, 0], [0, 0, 0]], np.int32)
+    assert exp.translate_mask(same, dict(exp.mask_planes)) is same  # one numbering: nothing to do
+
+
+def test_njy_per_unit():
+    exp = Exposure.empty((2, 2), VisitInfo(visit=5), detector=7, unit="adu", photo_calib=PhotoCalib(3.5))
+    assert exp.njy_per_unit() == 3.5
+    assert Exposure.empty((2, 2), VisitInfo(visit=5), detector=7, unit="nJy").njy_per_unit() == 1.0
+    with pytest.raises(ExposureUnitError, match=r"calexp of data ID \(5, 7\).*'adu'"):
+        Exposure.empty((2, 2), VisitInfo(visit=5), detector=7, unit="adu").njy_per_unit("calexp")
 
 
 def test_psf_model_evaluates_normalised():

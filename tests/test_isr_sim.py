@@ -19,7 +19,7 @@ def processed(request, sim_test_dir):
     raw, calibs = isr_inputs(sim_test_dir, VISIT, ccd)
     bias, flat, bpm = calibs["bias"], calibs["flat"], calibs["bpm"]
     result = isr.run_isr(raw, bias, flat, bpm, flat_band="g")
-    no_xtalk = isr.run_isr(raw, bias, flat, bpm, flat_band="g", config=isr.IsrConfig(do_crosstalk=False))
+    no_xtalk = isr.run_isr(raw, bias, flat, bpm, flat_band="g", config=isr.IsrConfig(crosstalk=False))
     visits = pd.read_parquet(sim_test_dir / "truth" / "visits.parquet").set_index("visit")
     sig = pd.read_parquet(sim_test_dir / "truth" / "signature.parquet")
     sig = sig[(sig["visit"] == VISIT) & (sig["detector"] == ccd)].set_index("amp")

@@ -80,6 +80,21 @@ def test_zero_point_ignores_unusable_stars(rng):
     assert abs(zp.zp - ZP) < 0.01
 
 
+def test_a_star_without_reference_error_is_weighted_with_the_largest_error_allowed(rng):
+    flux, flux_err, ref, ref_err, _ = synthetic_stars(rng, 40)
+    ref_err[:] = 0.01
+    ref[0] += 0.3          # an offset star ...
+    ref_err[0] = np.nan    # ... whose catalogue error is unknown: it must not get a high weight
+    zp = fit_zero_point(flux, flux / 1e4, ref, ref_err, PhotometryConfig(n_sigma=1e6))
+    assert zp.used[0] and zp.n_stars == 40
+    # The offset star weighs 1 / 0.1^2 (max_ref_mag_err), the others 1 / 0.01^2 (their error
+    # and a negligible flux error), not 1 / 0.005^2 as an error of 0 would make it.
+    dm = ref + 2.5 * np.log10(flux)
+    weight = 1 / np.hypot(np.where(np.isfinite(ref_err), ref_err, 0.1), 1.0857e-4) ** 2
+    assert zp.zp == pytest.approx(np.sum(weight * dm) / np.sum(weight), abs=1e-9)
+    assert abs(zp.zp - np.mean(dm[1:])) < 0.3 / 100 + 1e-3
+
+
 def test_zero_point_too_few_stars(rng):
     flux, flux_err, ref, ref_err, _ = synthetic_stars(rng, 6)
     ref_err[:2] = 0.5  # leaves 4 < min_stars 5

@@ -14,7 +14,7 @@ from apsnake import schema
 from apsnake.schema import (ALERT_SCHEMA_VERSION, BANDS, DIA_FORCED_SOURCE_SCHEMA, DIA_OBJECT_SCHEMA,
                             DIA_SOURCE_SCHEMA, SCHEMA_DEVIATIONS, SchemaError, conform, empty_table)
 
-# SCHEMAS.md: the columns we must fill.
+# docs/formats.md §9: the columns we must fill.
 MUST_FILL = {
     "DiaSource": """diaSourceId visit detector diaObjectId ssObjectId midpointMjdTai exposureTime ra raErr dec
         decErr x xErr y yErr centroid_flag apFlux apFluxErr apFlux_flag isNegative snr psfFlux psfFluxErr psfChi2

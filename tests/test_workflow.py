@@ -304,7 +304,7 @@ def test_association_is_the_same_with_one_core(workflow_run, tmp_path):
 def test_rerunning_one_data_id_reruns_its_chain_and_gives_the_same_apdb(workflow_run, tmp_path):
     """--force one association, then the workflow: exactly the later associations that
     depend on it re-run, and the APDB equals the first run's (no duplicates)."""
-    from apsnake.skycells import association_plan
+    from apsnake.association.plan import association_plan
 
     out, config = _copy_run(workflow_run, tmp_path, keep_apdb=True)
     exposures = pd.read_parquet(out / "registry" / "exposures.parquet")

@@ -1,4 +1,4 @@
-"""The APDB: append-only Parquet fragments, one per table per data ID (ARCHITECTURE.md section 4).
+"""The APDB: append-only Parquet fragments, one per table per data ID (docs/architecture.md §4).
 
 Layout, all under one ``root`` folder (the workflow's outdir)::
 
@@ -30,7 +30,7 @@ there is never a second copy of its rows.
 Versioning: a DiaObject row's ``validityStartMjdTai`` is the ``midpointMjdTai`` of the visit that
 wrote it. An object's current state is its row with the largest (validityStartMjdTai, visit,
 detector), the last two being those of the fragment it came from. The same key (midpointMjdTai,
-visit, detector) orders data IDs in the association chains (``apsnake.skycells``).
+visit, detector) orders data IDs in the association chains (``apsnake.association.plan``).
 
 Units follow the schema (``apsnake.schema``): positions in degrees (ICRS), fluxes in nJy, times
 as MJD (TAI) in days.
@@ -77,18 +77,27 @@ class ApdbError(ApsnakeError):
 # ---------------------------------------------------------------------------
 # Paths
 
-def fragment_path(root: str | Path, table: str, visit: int, detector: int) -> Path:
-    """``root/apdb/{table}/{visit}/{table}_{visit}_{detector:02d}.parquet``."""
+def _data_id_parts(visit, detector) -> tuple[str, str]:
+    """(visit, detector) as path parts: integers formatted (detector zero-padded to 2 digits);
+    two strings, e.g. the wildcards ``"{visit}"`` and ``"{detector}"`` of a rule, kept as given."""
+    if isinstance(visit, str) and isinstance(detector, str) and not (visit.isdigit() and detector.isdigit()):
+        return visit, detector
+    return str(int(visit)), f"{int(detector):02d}"
+
+
+def fragment_path(root: str | Path, table: str, visit, detector) -> Path:
+    """``root/apdb/{table}/{visit}/{table}_{visit}_{detector:02d}.parquet``, the one place
+    that spells a fragment's path (the workflow's rules call it with wildcard strings)."""
     if table not in TABLES:
         raise ValueError(f"unknown APDB table {table!r}; known: {', '.join(TABLES)}")
-    visit, detector = int(visit), int(detector)
-    return Path(root) / "apdb" / table / str(visit) / f"{table}_{visit}_{detector:02d}.parquet"
+    visit, detector = _data_id_parts(visit, detector)
+    return Path(root) / "apdb" / table / visit / f"{table}_{visit}_{detector}.parquet"
 
 
-def marker_path(root: str | Path, visit: int, detector: int) -> Path:
-    """``root/apdb_marker/{visit}/apdb_marker_{visit}_{detector:02d}.json``."""
-    visit, detector = int(visit), int(detector)
-    return Path(root) / "apdb_marker" / str(visit) / f"apdb_marker_{visit}_{detector:02d}.json"
+def marker_path(root: str | Path, visit, detector) -> Path:
+    """``root/apdb_marker/{visit}/apdb_marker_{visit}_{detector:02d}.json`` (as ``fragment_path``)."""
+    visit, detector = _data_id_parts(visit, detector)
+    return Path(root) / "apdb_marker" / visit / f"apdb_marker_{visit}_{detector}.json"
 
 
 def cell_index_dir(root: str | Path, order: int, cell: int) -> Path:
@@ -465,7 +474,7 @@ def load_history(root: str | Path, cells, order: int, before: tuple[float, int, 
     ApdbError
         A committed data ID whose fragment is missing or unreadable.
     """
-    from apsnake.skycells import cells_of
+    from apsnake.association.plan import cells_of
 
     root = Path(root)
     cells = sorted({int(c) for c in cells})

@@ -1,6 +1,6 @@
 """Astrometric calibration of one CCD: match sources to a reference catalogue, fit TAN-SIP.
 
-Stage 8 of calibrateImage (ALGORITHMS.md section 2). Our decision ("Initial WCS"): start
+Stage 8 of calibrateImage (docs/algorithms.md §2.9). Our decision ("Initial WCS"): start
 from the raw header's TPV WCS as evaluated by astropy/WCSLIB and fit a TAN-SIP WCS
 (order 3 by default) against the reference catalogue with a matcher that tolerates
 pointing errors up to ~1 arcmin and rotations up to ~1 degree. Rubin instead starts from

@@ -1,7 +1,7 @@
 """Atomic file writes: write to a temporary name in the same folder, then rename.
 
 A killed job therefore never leaves a file that looks complete: the product is either
-absent or whole (ARCHITECTURE.md section 3).
+absent or whole (docs/architecture.md §3.3).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Sky background: a binned, clipped estimate with smooth interpolation (sep).
 
 Rubin's calibrateImage uses 128-px bins with a clipped mean and a smooth interpolant
-(ALGORITHMS.md section 2 item 2); sep's Background does the same job with 128-px boxes, a
+(docs/algorithms.md §2.2); sep's Background does the same job with 128-px boxes, a
 clipped mode estimate per box, a 3x3 median filter of the box grid and bicubic-spline
 interpolation. Masked pixels (BAD, SAT, detections, ...) are excluded.
 """

@@ -1,6 +1,6 @@
 """Single-frame calibration: postISR Exposure (ADU) -> calexp (nJy) + source catalogue.
 
-Rubin's calibrateImage chain (ALGORITHMS.md section 2) with our decisions: background
+Rubin's calibrateImage chain (docs/algorithms.md §2) with our decisions: background
 (128-px bins), cosmic rays, detection and measurement, PSF model (pixel basis, order 2),
 aperture correction, astrometry from the raw header's TPV WCS to a TAN-SIP fit, zero point
 against the reference catalogue, pixels converted to nJy.
@@ -19,11 +19,10 @@ from apsnake.background import BackgroundConfig, BackgroundModel, estimate_backg
 from apsnake.detection import CosmicRayConfig, DetectionConfig, detect_and_measure, find_cosmic_rays
 from apsnake.errors import ApsnakeError
 from apsnake.exposure import Exposure, PhotoCalib
-from apsnake.isr import clipped_mean, interpolate_rows
+from apsnake.isr import interpolate_rows
+from apsnake.numerics import SIGMA_TO_FWHM
 
 log = logging.getLogger(__name__)
-
-GAUSSIAN_FWHM_TO_SIGMA = 1.0 / 2.3548
 
 
 class CalibrationError(ApsnakeError, ValueError):
@@ -32,14 +31,17 @@ class CalibrationError(ApsnakeError, ValueError):
 
 @dataclass
 class CalibrateConfig:
-    """Options of the calibration stage (Rubin defaults where Rubin has one).
+    """Options of the calibration stage (Rubin defaults where Rubin has one); the ``calibrate``
+    section of config.yaml, with one nested section per step (``psf``, ``astrometry``, ...).
 
     initial_fwhm_pixels: starting PSF guess (Rubin: Gaussian, FWHM 4 px).
-    psf_star_min_snr: S/N of stars used for the PSF (Rubin 50).
+    refcat_margin_pixels: reference stars are loaded this far beyond the CCD, pixels (pointing
+        errors).
     colorterm: None, or (secondary band, (c0, c1, c2)) for m = m_band + c0 + c1 (m_band - m_sec) + ...
     """
 
     initial_fwhm_pixels: float = 4.0
+    refcat_margin_pixels: float = 400.0
     background: BackgroundConfig = field(default_factory=BackgroundConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     cosmic_rays: CosmicRayConfig = field(default_factory=CosmicRayConfig)
@@ -57,19 +59,6 @@ def _pixel_scale_arcsec(wcs, shape) -> float:
     dx = np.hypot((ra[1] - ra[0]) * cosd, dec[1] - dec[0])
     dy = np.hypot((ra[2] - ra[0]) * cosd, dec[2] - dec[0])
     return float(np.sqrt(dx * dy) * 3600.0)
-
-
-def config_from_options(options: dict) -> CalibrateConfig:
-    """A CalibrateConfig from the workflow's ``calibrate:`` config section."""
-    config = CalibrateConfig()
-    config.detection.threshold = float(options.get("detection_threshold", config.detection.threshold))
-    config.psf.spatial_order = int(options.get("psf_spatial_order", config.psf.spatial_order))
-    config.psf.min_snr = float(options.get("psf_star_min_snr", config.psf.min_snr))
-    config.astrometry.sip_order = int(options.get("sip_order", config.astrometry.sip_order))
-    config.astrometry.max_offset_arcsec = float(options.get("max_pointing_offset_arcsec", config.astrometry.max_offset_arcsec))
-    config.astrometry.max_rotation_deg = float(options.get("max_rotation_deg", config.astrometry.max_rotation_deg))
-    config.astrometry.max_rms_arcsec = float(options.get("max_astrometry_rms_arcsec", config.astrometry.max_rms_arcsec))
-    return config
 
 
 @dataclass
@@ -126,7 +115,7 @@ def calibrate_exposure(post_isr: Exposure, refcat, config: CalibrateConfig | Non
     # Background, pass 1 (bright sources inflate it a little; pass 2 masks detections).
     bkg = estimate_background(exp.image, ignore, config.background)
     sub = exp.image - bkg.image
-    sigma = config.initial_fwhm_pixels * GAUSSIAN_FWHM_TO_SIGMA
+    sigma = config.initial_fwhm_pixels / SIGMA_TO_FWHM
     # The PSF width for the CR test, from bright stars in the middle half of the CCD (enough
     # stars, half the cost).
     rows = slice(exp.shape[0] // 4, 3 * exp.shape[0] // 4)
@@ -169,7 +158,7 @@ def calibrate_exposure(post_isr: Exposure, refcat, config: CalibrateConfig | Non
     flags = (sources["pixelFlags_saturated"] | sources["pixelFlags_crCenter"] | sources["pixelFlags_badCenter"]
              | sources["pixelFlags_interpolatedCenter"] | sources["pixelFlags_edge"] | sources["pixelFlags_suspectCenter"]
              | (sources["sepFlag"] & 0x4 != 0)).to_numpy()
-    size = np.sqrt(0.5 * (sources["ixx"] + sources["iyy"])).to_numpy() * 2.3548
+    size = np.sqrt(0.5 * (sources["ixx"] + sources["iyy"])).to_numpy() * SIGMA_TO_FWHM
     try:
         chosen = psf.select_psf_stars(sources["x"].to_numpy(), sources["y"].to_numpy(), sources["isoFlux"].to_numpy(),
                                       sources["snr"].to_numpy(), size, flags, config.psf)

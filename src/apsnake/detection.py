@@ -1,7 +1,7 @@
 """Source detection and measurement on a background-subtracted image, and cosmic rays.
 
 Detection uses sep (SExtractor's core) with a PSF-matched filter, as Rubin smooths with the
-PSF before thresholding (ALGORITHMS.md section 2 item 4). Cosmic rays follow the logic of
+PSF before thresholding (docs/algorithms.md §2.4). Cosmic rays follow the logic of
 Rubin's findCosmicRays (meas_algorithms, defaults minSigma=6, min_DN=150, cond3_fac=2,
 cond3_fac2=0.35): a pixel is a cosmic ray when it stands out from its neighbours more
 sharply than the PSF allows.
@@ -35,15 +35,6 @@ class CosmicRayConfig:
     cond3_fac2: float = 0.35
     grow_sigma: float = 3.0
     n_grow: int = 3
-
-
-def gaussian_kernel(sigma: float, half_size: int | None = None) -> np.ndarray:
-    """Normalised 2-D Gaussian (sigma in pixels) on a (2h+1)^2 grid, h = ceil(3 sigma)."""
-    h = half_size if half_size is not None else max(1, int(np.ceil(3 * sigma)))
-    r = np.arange(-h, h + 1)
-    g = np.exp(-0.5 * (r / sigma) ** 2)
-    k = np.outer(g, g)
-    return (k / k.sum()).astype(np.float32)
 
 
 def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, psf_sigma: float,

@@ -3,7 +3,7 @@
 An Exposure is one detector of one visit: image, mask (named bit planes, Rubin
 numbering), variance, WCS, PSF model, photometric calibration and visit info.
 
-File format (ARCHITECTURE.md section 3), readable by any FITS viewer:
+File format (docs/formats.md §2), readable by any FITS viewer:
 
 * primary HDU: visit info (``VISIT``, ``DETECTOR``, ``BAND``, ``MJD-MID`` (TAI), ``EXPTIME``,
   ``AIRMASS``, boresight, observatory) and the photometric calibration (``PHOTCALB``,
@@ -27,6 +27,7 @@ import numpy as np
 
 from apsnake.atomic import atomic_output
 from apsnake.errors import ApsnakeError
+from apsnake.numerics import polynomial_terms
 
 #: Rubin's fixed mask planes (afw MaskDict). Extra planes take the next free bits.
 DEFAULT_MASK_PLANES: dict[str, int] = {
@@ -39,6 +40,31 @@ MAX_MASK_PLANES = 31  # int32 mask, sign bit unused
 
 class ExposureFormatError(ApsnakeError, ValueError):
     """A file that is not a readable apsnake Exposure FITS."""
+
+
+class ExposureUnitError(ApsnakeError, ValueError):
+    """An exposure whose pixel values cannot be converted to nJy."""
+
+
+def add_mask_plane(planes: dict[str, int], name: str) -> int:
+    """Bit value (1 << plane) of plane ``name`` in ``planes``, adding it on the first free
+    bit if it is new (``planes`` is modified)."""
+    if name not in planes:
+        used = set(planes.values())
+        free = next((b for b in range(MAX_MASK_PLANES) if b not in used), None)
+        if free is None:
+            raise ValueError(f"no free mask plane left for {name!r}")
+        planes[name] = free
+    return 1 << planes[name]
+
+
+def mask_bits(planes: dict[str, int], names) -> int:
+    """OR of the bit values of the named planes in ``planes`` (absent names contribute 0)."""
+    bits = 0
+    for name in names:
+        if name in planes:
+            bits |= 1 << planes[name]
+    return bits
 
 
 @dataclass
@@ -121,8 +147,8 @@ class PsfModel:
     fwhm_pixels: float = float("nan")  # median FWHM, for quick reference
 
     def polynomial_terms(self, x: float, y: float) -> np.ndarray:
-        u, v = (x - self.x0) / self.scale, (y - self.y0) / self.scale
-        return np.array([u ** (n - j) * v ** j for n in range(self.spatial_order + 1) for j in range(n + 1)])
+        """The spatial polynomial's terms at trimmed pixel position (x, y)."""
+        return polynomial_terms(self.spatial_order, (x - self.x0) / self.scale, (y - self.y0) / self.scale)
 
     def evaluate(self, x: float, y: float) -> np.ndarray:
         """The normalised PSF image at trimmed pixel position (x, y)."""
@@ -134,8 +160,7 @@ class PsfModel:
         """The normalised PSF images at many positions: (N, size, size) float64 (``evaluate`` vectorised)."""
         x = np.atleast_1d(np.asarray(x, float)).ravel()
         y = np.atleast_1d(np.asarray(y, float)).ravel()
-        u, v = (x - self.x0) / self.scale, (y - self.y0) / self.scale
-        terms = np.stack([u ** (n - j) * v ** j for n in range(self.spatial_order + 1) for j in range(n + 1)], axis=-1)
+        terms = polynomial_terms(self.spatial_order, (x - self.x0) / self.scale, (y - self.y0) / self.scale)
         k, ny, nx = self.components.shape
         images = (terms @ np.asarray(self.components, float).reshape(k, ny * nx)).reshape(-1, ny, nx)
         total = images.sum(axis=(1, 2), keepdims=True)
@@ -181,13 +206,11 @@ class Exposure:
 
     def mask_bit(self, name: str) -> int:
         """Bit value (1 << plane) of a mask plane, adding the plane if it is new."""
-        if name not in self.mask_planes:
-            used = set(self.mask_planes.values())
-            free = next((b for b in range(MAX_MASK_PLANES) if b not in used), None)
-            if free is None:
-                raise ValueError("no free mask plane left")
-            self.mask_planes[name] = free
-        return 1 << self.mask_planes[name]
+        return add_mask_plane(self.mask_planes, name)
+
+    def bits(self, *names: str) -> int:
+        """OR of the bit values of the named planes; planes the exposure lacks contribute 0."""
+        return mask_bits(self.mask_planes, names)
 
     def set_mask(self, name: str, where: np.ndarray) -> None:
         """OR the named plane into the mask where ``where`` is True."""
@@ -195,11 +218,34 @@ class Exposure:
 
     def mask_of(self, *names: str) -> np.ndarray:
         """Boolean image: True where any of the named planes is set (unknown names: none)."""
-        bits = 0
-        for name in names:
-            if name in self.mask_planes:
-                bits |= 1 << self.mask_planes[name]
-        return (self.mask & bits) != 0
+        return (self.mask & self.bits(*names)) != 0
+
+    def bad_pixels(self, planes) -> np.ndarray:
+        """Pixels not to measure: any of the named mask planes, a non-finite value, or a
+        variance that is not positive."""
+        return self.mask_of(*planes) | ~np.isfinite(self.image) | ~(self.variance > 0)
+
+    def translate_mask(self, mask: np.ndarray, planes: dict[str, int]) -> np.ndarray:
+        """A mask whose bit planes are named by ``planes``, expressed in this exposure's
+        plane numbering (planes it lacks are added to it)."""
+        if all(self.mask_planes.get(name) == bit for name, bit in planes.items()):
+            return mask
+        out = np.zeros_like(mask)
+        for name, bit in planes.items():
+            out |= np.where((mask >> bit) & 1 != 0, self.mask_bit(name), 0).astype(mask.dtype)
+        return out
+
+    def njy_per_unit(self, what: str = "image") -> float:
+        """Factor from the image unit to nJy: the PhotoCalib's, or 1 for an image in nJy.
+
+        Raises ``ExposureUnitError`` (naming the data ID and ``what``) otherwise.
+        """
+        if self.photo_calib is not None and np.isfinite(self.photo_calib.calibration):
+            return float(self.photo_calib.calibration)
+        if self.unit.lower() == "njy":
+            return 1.0
+        raise ExposureUnitError(f"{what} of data ID {self.data_id}: image unit {self.unit!r} and no PhotoCalib, "
+                                "cannot express fluxes in nJy")
 
     def copy(self) -> Exposure:
         return replace(
@@ -384,10 +430,3 @@ def write_background(image: np.ndarray, path: str | Path, unit: str = "adu") -> 
     with atomic_output(path) as tmp:
         fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(tmp)
 
-
-def read_background(path: str | Path) -> np.ndarray:
-    """The background image written by ``write_background``."""
-    from astropy.io import fits
-
-    with fits.open(path, memmap=False) as hdul:
-        return np.array(hdul["BACKGROUND"].data, np.float32)

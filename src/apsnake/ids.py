@@ -1,4 +1,4 @@
-"""Deterministic 64-bit IDs (ARCHITECTURE.md section 4).
+"""Deterministic 64-bit IDs (docs/algorithms.md §8).
 
 Rubin's IdGenerator packs (visit, detector) into one integer and leaves the low bits for
 a running counter: ``id = counter + 2**COUNTER_BITS * (visit * DETECTOR_MAX + detector)``

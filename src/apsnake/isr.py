@@ -1,6 +1,6 @@
 """Instrument signature removal: one raw DECam CCD -> a postISR Exposure (ADU).
 
-Rubin's DECam ISR order and defaults (ALGORITHMS.md section 1, obs_decam config/isr.py):
+Rubin's DECam ISR order and defaults (docs/algorithms.md §1; obs_decam config/isr.py):
 saturation mask on raw counts -> serial overscan per row -> crosstalk (before assembly) ->
 assemble and trim -> bias -> variance -> linearity -> defects, edge, widened saturation
 trails -> flat -> interpolation over BAD and SAT. The image stays in ADU and the variance
@@ -20,6 +20,7 @@ import numpy as np
 
 from apsnake.errors import ApsnakeError
 from apsnake.instruments import decam
+from apsnake.numerics import clipped_mean, dilate
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class IsrInputError(ApsnakeError, ValueError):
 
 @dataclass
 class IsrConfig:
-    """ISR options with Rubin's DECam defaults.
+    """ISR options with Rubin's DECam defaults (the ``isr`` section of config.yaml).
 
     overscan_clip_sigma: clipping of each overscan row around its median, in units of
         0.74 * IQR (Rubin ``numSigmaClip=3``).
@@ -39,11 +40,14 @@ class IsrConfig:
         victim pixel gets CROSSTALK (``minPixelToMask=45000``).
     grow_saturation: SAT footprints grown by this many pixels before interpolation.
     saturation_source: 'camera' (camera-table values, our choice) or 'header' (SATURATA/B).
+    crosstalk: correct crosstalk (intra-CCD always, inter-CCD when the source CCD is in the raw).
+    linearity: path of the CP linearity table (lookup-table form), or None for no correction.
     """
 
     overscan_clip_sigma: float = 3.0
     num_edge_suspect: int = decam.NUM_EDGE_SUSPECT
-    do_crosstalk: bool = True
+    crosstalk: bool = True
+    linearity: str | None = None
     crosstalk_min_pixel_to_mask: float = decam.CROSSTALK_MIN_PIXEL_TO_MASK
     do_widen_saturation_trails: bool = True
     grow_saturation: int = 1
@@ -184,29 +188,6 @@ def widen_saturation_trails(sat: np.ndarray) -> np.ndarray:
     np.add.at(diff, (rows[sel], np.clip(starts[sel] - grow[sel], 0, ncol)), 1)
     np.add.at(diff, (rows[sel], np.clip(ends[sel] + grow[sel], 0, ncol)), -1)
     return sat | (np.cumsum(diff, axis=1)[:, :ncol] > 0)
-
-
-def grow_mask(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Dilate a boolean mask by ``radius`` pixels (square footprint)."""
-    if radius <= 0 or not mask.any():
-        return mask.copy()
-    from scipy import ndimage
-
-    return ndimage.binary_dilation(mask, structure=np.ones((2 * radius + 1, 2 * radius + 1), bool))
-
-
-def clipped_mean(values: np.ndarray, nsigma: float = 3.0, iterations: int = 3) -> float:
-    """Iteratively sigma-clipped mean (Rubin MEANCLIP) of the finite values."""
-    data = values[np.isfinite(values)]
-    if data.size == 0:
-        return 0.0
-    for _ in range(iterations):
-        mean, std = data.mean(), data.std()
-        keep = np.abs(data - mean) <= nsigma * std
-        if keep.all() or not keep.any():
-            break
-        data = data[keep]
-    return float(data.mean())
 
 
 def interpolate_rows(image: np.ndarray, bad: np.ndarray, fallback: float) -> np.ndarray:
@@ -357,7 +338,7 @@ def run_isr(raw, bias, flat, bpm=None, crosstalk_source_ccds=None, linearity=Non
             "gain_e_per_adu": gain,
         }
     xtalk_masks = {}
-    if config.do_crosstalk:
+    if config.crosstalk:
         sources = {k: v.copy() for k, v in amp_images.items()}
         for other in crosstalk_source_ccds or []:
             ogeoms = decam.amp_geometry(other.header)
@@ -434,9 +415,10 @@ def run_isr(raw, bias, flat, bpm=None, crosstalk_source_ccds=None, linearity=Non
     # 14. Interpolate over BAD and SAT (SAT grown first); whole bad rows take MEANCLIP.
     n_interp = 0
     if config.do_interpolate:
-        to_fix = exposure.mask_of("BAD") | grow_mask(sat, config.grow_saturation)
+        to_fix = exposure.mask_of("BAD") | dilate(sat, config.grow_saturation, "square")
         good_pixels = image[~to_fix]
         fallback = clipped_mean(good_pixels[:: max(1, good_pixels.size // 200_000)])
+        fallback = fallback if np.isfinite(fallback) else 0.0
         amp_dead = np.zeros(shape, bool)
         for amp in geoms:
             if meta["amps"][amp].get("bad_amp"):

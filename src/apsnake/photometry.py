@@ -2,7 +2,7 @@
 
 Rubin photoCal: zp = clipped mean of (refMag - instMag) (nSigma=3, nIter=20, sigmaMax=0.25),
 with colour terms when the catalogue has colours; calexp pixels in nJy, so
-mag_AB = -2.5 log10(f / nJy) + 31.4 (ALGORITHMS.md section 2 item 9).
+mag_AB = -2.5 log10(f / nJy) + 31.4 (docs/algorithms.md §2.10).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from apsnake.errors import ApsnakeError
+from apsnake.numerics import mad_sigma
 
 AB_NJY_ZERO_POINT = 31.4  # mag of 1 nJy
 
@@ -64,19 +65,20 @@ def fit_zero_point(inst_flux, inst_flux_err, ref_mag, ref_mag_err, config: Photo
     ref = np.asarray(ref_mag, float)
     rerr = np.asarray(ref_mag_err, float)
     ok = (flux > 0) & np.isfinite(ref) & (flux / np.where(ferr > 0, ferr, np.inf) >= config.min_snr)
-    ok &= ~(rerr > config.max_ref_mag_err)
+    ok &= ~(rerr > config.max_ref_mag_err)  # a star without an error (NaN) is kept ...
+    rerr = np.where(np.isfinite(rerr), rerr, config.max_ref_mag_err)  # ... with the largest error allowed
     if ok.sum() < config.min_stars:
         raise PhotometryError(f"only {int(ok.sum())} stars usable for the zero point (need {config.min_stars})")
     with np.errstate(divide="ignore", invalid="ignore"):
         dm = ref - (-2.5 * np.log10(flux))
-        sig = np.hypot(1.0857 * ferr / flux, np.nan_to_num(rerr))
+        sig = np.hypot(1.0857 * ferr / flux, rerr)
     sig = np.maximum(sig, 0.005)
     used = ok.copy()
     for _ in range(config.n_iter):
         w = 1.0 / sig[used] ** 2
         zp = float(np.sum(w * dm[used]) / np.sum(w))
         resid = dm - zp
-        scatter = float(1.4826 * np.median(np.abs(resid[used] - np.median(resid[used]))))
+        scatter = mad_sigma(resid[used])
         scatter = max(scatter, 1e-4)
         new = ok & (np.abs(resid) <= config.n_sigma * np.hypot(scatter, sig))
         if new.sum() < config.min_stars or np.array_equal(new, used):
@@ -127,24 +129,42 @@ def fit_aperture_correction(x, y, psf_flux, ap_flux, shape, n_sigma: float = 4.0
     """Fit ap_flux / psf_flux of PSF stars with a clipped plane (Rubin: 4 iterations, 4 sigma;
     a constant when fewer than 20 stars)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
-    ratio = np.asarray(ap_flux, float) / np.asarray(psf_flux, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.asarray(ap_flux, float) / np.asarray(psf_flux, float)
     ok = np.isfinite(ratio) & (ratio > 0.5) & (ratio < 2.0)
     ny, nx = shape
     x0, y0, scale = nx / 2.0, ny / 2.0, max(nx, ny) / 2.0
     if ok.sum() == 0:
         return ApertureCorrection(np.array([1.0, 0.0, 0.0]), x0, y0, scale, float("nan"), 0)
-    coeffs = np.array([np.median(ratio[ok]), 0.0, 0.0])
+
+    def fit(used):
+        if used.sum() >= 20:
+            design = np.column_stack([np.ones(used.sum()), (x[used] - x0) / scale, (y[used] - y0) / scale])
+            return np.linalg.lstsq(design, ratio[used], rcond=None)[0]
+        return np.array([np.median(ratio[used]), 0.0, 0.0])
+
+    def scatter_about(coeffs, used):
+        # The residuals of a fitted plane are centred on 0 by construction: their MAD about 0.
+        resid = ratio - ApertureCorrection(coeffs, x0, y0, scale, 0.0, 0)(x, y)
+        return resid, 1.4826 * float(np.median(np.abs(resid[used])))
+
+    coeffs = fit(ok)
     for _ in range(n_iter):
-        if ok.sum() >= 20:
-            A = np.column_stack([np.ones(ok.sum()), (x[ok] - x0) / scale, (y[ok] - y0) / scale])
-            coeffs, *_ = np.linalg.lstsq(A, ratio[ok], rcond=None)
-        else:
-            coeffs = np.array([np.median(ratio[ok]), 0.0, 0.0])
-        model = ApertureCorrection(coeffs, x0, y0, scale, 0.0, 0)(x, y)
-        resid = ratio - model
-        scatter = 1.4826 * np.median(np.abs(resid[ok]))
+        resid, scatter = scatter_about(coeffs, ok)
         new = ok & (np.abs(resid) <= n_sigma * max(scatter, 1e-4))
         if np.array_equal(new, ok) or new.sum() < 3:
             break
         ok = new
+        coeffs = fit(ok)  # the plane always comes from the stars it reports
+    scatter = scatter_about(coeffs, ok)[1]
     return ApertureCorrection(np.asarray(coeffs, float), x0, y0, scale, float(scatter), int(ok.sum()))
+
+
+def aperture_correction_at(exposure, x, y) -> np.ndarray:
+    """An exposure's aperture correction (large-aperture / PSF flux of its stars, stored in
+    its metadata by calibration) at pixel positions (x, y); 1 where it has none (no
+    exposure, or a file from before aperture corrections)."""
+    correction = ApertureCorrection.from_metadata(exposure.metadata) if exposure is not None else None
+    if correction is None:
+        return np.ones(np.shape(x))
+    return np.asarray(correction(x, y), float)

@@ -1,4 +1,4 @@
-"""Reference catalogue input (SCHEMAS.md): a table of stars read from Parquet, FITS or CSV.
+"""Reference catalogue input (docs/formats.md §6): a table of stars read from Parquet, FITS or CSV.
 
 Columns: ``ra``, ``dec`` (deg, ICRS, at the catalogue epoch), per band ``{band}_mag`` and
 ``{band}_magErr`` (AB); optional ``pmra``, ``pmdec`` (mas/yr) and ``epoch`` (decimal year).
@@ -84,8 +84,3 @@ def in_footprint(table, wcs, shape: tuple[int, int], margin_pixels: float = 300.
     ny, nx = shape
     keep = (x > -margin_pixels) & (x < nx + margin_pixels) & (y > -margin_pixels) & (y < ny + margin_pixels)
     return table[keep].reset_index(drop=True)
-
-
-def mjd_to_year(mjd: float) -> float:
-    """Julian epoch (decimal year) of an MJD: 2000.0 + (MJD - 51544.5) / 365.25."""
-    return 2000.0 + (float(mjd) - 51544.5) / 365.25

@@ -3,7 +3,7 @@
 ``exposures.parquet`` has one row per exposure x detector, ``calibs.parquet`` one row per
 calibration x detector and ``rejected.parquet`` one row per input file that could not be
 used, with the reason. The workflow expands its targets from these tables and never opens
-FITS files while building the DAG (ARCHITECTURE.md section 2).
+FITS files while building the DAG (docs/architecture.md §2).
 """
 
 from __future__ import annotations

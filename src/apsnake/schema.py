@@ -2,7 +2,7 @@
 
 Names, types and nullability follow the Rubin alert schema (PyPI ``lsst-alert-packet``,
 schema ``ALERT_SCHEMA_VERSION``: ``lsst.v11_1.{diaSource,diaObject,diaForcedSource}.avsc``),
-so that an alert is a projection of APDB rows (SCHEMAS.md). Units follow the same schema:
+so that an alert is a projection of APDB rows (docs/formats.md §9). Units follow the same schema:
 
 * positions (``ra``, ``dec``) in degrees (ICRS), their errors in degrees (``raErr`` is
   the error of RA * cos(Dec));

@@ -1,6 +1,6 @@
 """Every DECam fact the pipeline needs, in one place.
 
-Sources (see ``../shared/design/DECAM_FORMAT.md``): the obs_decam camera geometry
+Sources (docs/formats.md §3 summarises them): the obs_decam camera geometry
 (``decam/camGeom``, ``curated_calib_origin/segmentfile.txt``), the raw headers in
 astro_metadata_translator's test data, and the CTIO crosstalk table
 ``xtalk_20130606.txt`` shipped in ``data/``.
@@ -53,7 +53,7 @@ OBSERVATORY_ELEVATION_M = 2215.0
 TELESCOPE_NAME = "CTIO 4.0-m telescope"
 OBSERVATORY_NAME = "CTIO"
 
-#: |CD| of the nominal SISPI raw TPV WCS and of CP products, deg/pixel (DECAM_FORMAT.md 2.7);
+#: |CD| of the nominal SISPI raw TPV WCS and of CP products, deg/pixel (docs/formats.md §3.5);
 #: the raw orientation is +Y = East, +X = South: CD1_2 = +RAW_WCS_CD_DEG, CD2_1 = -RAW_WCS_CD_DEG.
 RAW_WCS_CD_DEG = 7.285e-5
 #: Focal plane (mm) -> field angle (rad) radial polynomial, obs_decam ``camera.py``.
@@ -76,7 +76,7 @@ NOMINAL_PHOTOMETRY: dict[str, tuple[float, float, float]] = {
 }
 
 # ---------------------------------------------------------------------------
-# CCD table: obs_decam camGeom (DECAM_FORMAT.md Appendix A).
+# CCD table: obs_decam camGeom (docs/formats.md §3.2).
 # CCDNUM name usual_hdu x_mm y_mm yaw_deg gainA gainB(e/ADU) rnA rnB(e) satA satB(ADU)
 _CCD_TABLE = """
 1 S29 34 -185.592 -63.748 -0.01 4.039 3.781 6.139 5.982 38652 37531
@@ -359,7 +359,7 @@ def amp_geometry(header) -> dict[str, AmpGeometry]:
 def raw_section_keywords(ccdnum: int) -> dict[str, str]:
     """The section keywords a raw extension of this CCD carries (S and N layouts differ).
 
-    Values are those of real DECam raws (DECAM_FORMAT.md section 2.3); DETSEC is placed on
+    Values are those of real DECam raws (docs/formats.md §3.3); DETSEC is placed on
     the focal-plane mosaic grid from the CCD's position.
     """
     info = ccd_info(ccdnum)

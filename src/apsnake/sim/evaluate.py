@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from apsnake.numerics import mad_sigma
+
 MATCH_RADIUS_ARCSEC = 1.0
 BRIGHT_STAR_MAG = 16.0
 BRIGHT_STAR_RADIUS_ARCSEC = 30.0
@@ -99,14 +101,6 @@ def evaluate_data_id(sim_dir: str | Path, out_dir: str | Path, visit: int, detec
     return {"truth": on, "sources": sources}
 
 
-def _mad(values) -> float:
-    """1.4826 x the median absolute deviation (a Gaussian sigma), NaN for no values."""
-    from astropy.stats import mad_std
-
-    values = np.asarray(values, float)
-    return float(mad_std(values)) if values.size else float("nan")
-
-
 def summarise(results: list[dict]) -> dict:
     """Completeness, false detections, flux pulls and astrometry over many data IDs."""
     truth = pd.concat([r["truth"] for r in results], ignore_index=True)
@@ -137,13 +131,13 @@ def summarise(results: list[dict]) -> dict:
         "false_per_ccd_visit_away_from_bright_stars": float((~false["near_bright_star"]).sum()) / n_ccd_visits,
         "false_per_ccd_visit_near_bright_stars": float(false["near_bright_star"].sum()) / n_ccd_visits,
         "pull_median": float(np.median(pull)) if len(pull) else float("nan"),
-        "pull_scatter": _mad(pull),
+        "pull_scatter": mad_sigma(pull),
         "pull_std": float(np.std(pull)) if len(pull) else float("nan"),
         # Near the threshold only upward noise is detected (Eddington/selection bias, +0.8 at
         # true S/N 5); above S/N 8 selection no longer shapes the pulls.
         "pull_median_true_snr_ge_8": float(np.median(pull[m.loc[pull.index, "true_snr"] >= 8]))
         if (m.loc[pull.index, "true_snr"] >= 8).any() else float("nan"),
-        "pull_scatter_true_snr_ge_8": _mad(pull[m.loc[pull.index, "true_snr"] >= 8]),
+        "pull_scatter_true_snr_ge_8": mad_sigma(pull[m.loc[pull.index, "true_snr"] >= 8]),
         "n_matched": int(len(m)),
         "position_rms_mas_per_axis_snr_gt_20": pos_rms,
         "n_snr_gt_20": int(len(bright)),

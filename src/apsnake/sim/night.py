@@ -191,7 +191,7 @@ def _write_calibs(outdir: Path, preset: Preset, visits, signatures: dict, seed: 
         paths["flat"].append(f"calib/{name}")
         log.info("wrote master bias and %s flat of night %s", preset.band, night)
     bpms = {c: s.bpm for c, s in signatures.items()}
-    # Valid from the start of the last DES BPM epoch (DECAM_FORMAT.md 2.6).
+    # Valid from the start of the last DES BPM epoch (docs/formats.md §4).
     header = writer.calib_primary_header("bpm", "2015-01-05T01:15:00.000", None, "150105", len(bpms))
     writer.write_calib(calib_dir / "DECam_bpm.fits", header, bpms, "")
     paths["bpm"].append("calib/DECam_bpm.fits")

@@ -419,7 +419,7 @@ def time_domain_truth(td: TimeDomain, geometry: Geometry, visits: list[VisitCond
 
 
 def make_refcat(rng, stars: pd.DataFrame, preset: Preset) -> pd.DataFrame:
-    """Gaia/PS1-like reference catalogue (SCHEMAS.md): stars with r < ``refcat_mag_limit``,
+    """Gaia/PS1-like reference catalogue (docs/formats.md §6): stars with r < ``refcat_mag_limit``,
     positions scattered by ~10 mas, AB magnitudes with PS1-like errors, epoch 2015.5."""
     ref = stars[stars["r_mag"] < preset.refcat_mag_limit].reset_index(drop=True)
     n = len(ref)

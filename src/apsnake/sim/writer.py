@@ -38,7 +38,7 @@ def _sexagesimal(value_deg: float, hours: bool, places: int = 3) -> str:
 
 
 def raw_primary_header(visit: VisitConditions, preset: Preset, n_ext: int):
-    """Primary header of a raw file (DECAM_FORMAT.md 2.8 keywords, in SISPI order)."""
+    """Primary header of a raw file (docs/formats.md §3.4 keywords, in SISPI order)."""
     from astropy.io import fits
     from astropy.time import Time
 

@@ -1,4 +1,4 @@
-"""Forced photometry of DiaObjects on one data ID (ALGORITHMS.md section 4.6, our decision).
+"""Forced photometry of DiaObjects on one data ID (docs/algorithms.md §7, our decision).
 
 Rubin measures only objects with two or more good DiaSources; we measure every DiaObject
 whose position lies on the difference image with template coverage, so that a light curve has
@@ -12,18 +12,18 @@ not measured (there is nothing to measure, so no row is written).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from apsnake import schema
-from apsnake.dia import aperture_correction_at, bad_pixels, njy_per_unit
 from apsnake.errors import ApsnakeError
 from apsnake.exposure import Exposure, VisitInfo, read_exposure
 from apsnake.ids import dia_source_ids
+from apsnake.photometry import aperture_correction_at
 from apsnake.psf import psf_flux
+from apsnake.times import now_mjd_tai
 
 
 class ForcedPhotometryError(ApsnakeError, ValueError):
@@ -32,12 +32,6 @@ class ForcedPhotometryError(ApsnakeError, ValueError):
 
 #: Mask planes whose pixels are left out of the fits (as for DiaSource measurement).
 MEASURE_BAD_PLANES = ("BAD", "NO_DATA")
-
-
-def _now_mjd_tai() -> float:
-    from astropy.time import Time
-
-    return float(Time(time.time(), format="unix").tai.mjd)
 
 
 def measurable_objects(difference: Exposure, object_ids, ra_deg, dec_deg):
@@ -68,8 +62,8 @@ def psf_fluxes(exposure: Exposure, x, y, what: str):
     if len(x) == 0:
         return np.zeros(0), np.zeros(0)
     flux, err, _, ndata = psf_flux(exposure.image, exposure.variance, exposure.psf, x, y,
-                                   bad_pixels(exposure, MEASURE_BAD_PLANES))
-    calib = njy_per_unit(exposure, what)
+                                   exposure.bad_pixels(MEASURE_BAD_PLANES))
+    calib = exposure.njy_per_unit(what)
     return np.where(ndata > 0, flux * calib, np.nan), np.where(ndata > 0, err * abs(calib), np.nan)
 
 
@@ -84,7 +78,7 @@ def forced_source_table(visit_info: VisitInfo, detector: int, ids, ra, dec, diff
         "visit": np.full(n, visit, np.int64), "detector": np.full(n, detector, np.int32),
         "midpointMjdTai": np.full(n, visit_info.mjd_mid_tai),
         "band": np.full(n, visit_info.band, object),
-        "timeProcessedMjdTai": np.full(n, _now_mjd_tai() if time_processed_mjd is None else float(time_processed_mjd)),
+        "timeProcessedMjdTai": np.full(n, now_mjd_tai() if time_processed_mjd is None else float(time_processed_mjd)),
         "psfFlux": diff_flux, "psfFluxErr": diff_err, "scienceFlux": sci_flux, "scienceFluxErr": sci_err,
     }
     return schema.conform(columns, "DiaForcedSource")

@@ -1,4 +1,4 @@
-"""Sky cells for association ordering (ARCHITECTURE.md section 5).
+"""Sky cells for association ordering (docs/architecture.md §5).
 
 The sky is cut into nested HEALPix pixels ("cells") at ``order`` (``nside = 2**order``); at the
 default order 9 a cell is about 6.9 arcmin across, smaller than a DECam CCD (9 x 18 arcmin).

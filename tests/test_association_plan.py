@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from apsnake.skycells import association_plan, cell_size_arcsec, cells_of, footprint_cells
+from apsnake.association.plan import association_plan, cell_size_arcsec, cells_of, footprint_cells
 
 CCD_W, CCD_H = 2048 * 0.263 / 3600, 4096 * 0.263 / 3600  # deg
 

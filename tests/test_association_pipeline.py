@@ -1,4 +1,4 @@
-"""One data ID's association (apsnake.diapipe) on synthetic difference images."""
+"""One data ID's association (apsnake.association.pipeline) on synthetic difference images."""
 
 from dataclasses import replace
 
@@ -6,10 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from apsnake import apdb, diapipe
+from apsnake import apdb
+from apsnake.association import pipeline
 from apsnake.dia import DiaConfig, detect_dia_sources
 from apsnake.exposure import write_exposure
-from apsnake.skycells import footprint_cells
+from apsnake.association.plan import footprint_cells
+from apsnake.options import OptionsError, dataclass_from_options
 from test_dia import DETECTOR, FLUX_PER_SNR, make_images
 
 SHAPE = (512, 1024)
@@ -49,8 +51,8 @@ def two_visits(tmp_path_factory):
     first = _visit(1001, 57000.25, 1)
     second = _visit(1002, 57001.25, 2, extra=[(400.0, 205.0, 40 * FLUX_PER_SNR)])
     cells = _cells(first[0])
-    m1 = diapipe.associate_data_id(root, first[2], first[0], first[1], cells, time_processed_mjd=2.0)
-    m2 = diapipe.associate_data_id(root, second[2], second[0], second[1], cells, time_processed_mjd=2.0)
+    m1 = pipeline.associate_data_id(root, first[2], first[0], first[1], cells, time_processed_mjd=2.0)
+    m2 = pipeline.associate_data_id(root, second[2], second[0], second[1], cells, time_processed_mjd=2.0)
     return root, first, second, cells, m1, m2
 
 
@@ -77,9 +79,9 @@ def test_second_visit_updates_the_first_visits_objects(two_visits):
 def test_rerunning_a_data_id_rewrites_the_same_rows(two_visits):
     root, first, second, cells, _, m2 = two_visits
     before = {v: _fragments(root, v) for v in (1001, 1002)}
-    again = diapipe.associate_data_id(root, second[2], second[0], second[1], cells, time_processed_mjd=2.0)
+    again = pipeline.associate_data_id(root, second[2], second[0], second[1], cells, time_processed_mjd=2.0)
     # An earlier visit re-run after a later one ignores the later one (chain order).
-    diapipe.associate_data_id(root, first[2], first[0], first[1], cells, time_processed_mjd=2.0)
+    pipeline.associate_data_id(root, first[2], first[0], first[1], cells, time_processed_mjd=2.0)
     for v in (1001, 1002):
         after = _fragments(root, v)
         for table in apdb.TABLES:
@@ -91,7 +93,7 @@ def test_flagged_unmatched_sources_stay_unassociated(tmp_path):
     diff, sci, table = _visit(2001, 57000.25, 3)
     frame = table.to_pandas()
     frame.loc[0, "pixelFlags_crCenter"] = True
-    marker = diapipe.associate_data_id(tmp_path, frame, diff, sci, _cells(diff))
+    marker = pipeline.associate_data_id(tmp_path, frame, diff, sci, _cells(diff))
     sources = _fragments(tmp_path, 2001)["DiaSource"]
     assert len(sources) == 25 and sources["diaObjectId"].isna().sum() == 1
     assert marker["numUnassociatedDiaSources"] == 1 and marker["numNewDiaObjects"] == 24
@@ -101,15 +103,15 @@ def test_images_given_as_paths_and_mismatched_inputs(tmp_path):
     diff, sci, table = _visit(3001, 57000.25, 4)
     write_exposure(diff, tmp_path / "diff.fits")
     write_exposure(sci, tmp_path / "calexp.fits")
-    marker = diapipe.associate_data_id(tmp_path, table, tmp_path / "diff.fits", tmp_path / "calexp.fits", _cells(diff))
+    marker = pipeline.associate_data_id(tmp_path, table, tmp_path / "diff.fits", tmp_path / "calexp.fits", _cells(diff))
     assert marker["counts"]["DiaForcedSource"] == 25
     other = replace(sci, visit_info=replace(sci.visit_info, visit=3002))
-    with pytest.raises(diapipe.AssociationStepError, match="calexp"):
-        diapipe.associate_data_id(tmp_path, table, diff, other, _cells(diff))
+    with pytest.raises(pipeline.AssociationStepError, match="calexp"):
+        pipeline.associate_data_id(tmp_path, table, diff, other, _cells(diff))
     _, _, foreign = _visit(3003, 57000.25, 5)
-    with pytest.raises(diapipe.AssociationStepError, match="another data ID"):
-        diapipe.associate_data_id(tmp_path, foreign, diff, sci, _cells(diff))
-    with pytest.raises(diapipe.AssociationStepError, match="no sky cells"):
-        diapipe.associate_data_id(tmp_path, table, diff, sci, [])
-    with pytest.raises(diapipe.AssociationStepError, match="association"):
-        diapipe.config_from_options({"radius_arcsec": 1.0, "no_such_option": 1})
+    with pytest.raises(pipeline.AssociationStepError, match="another data ID"):
+        pipeline.associate_data_id(tmp_path, foreign, diff, sci, _cells(diff))
+    with pytest.raises(pipeline.AssociationStepError, match="no sky cells"):
+        pipeline.associate_data_id(tmp_path, table, diff, sci, [])
+    with pytest.raises(OptionsError, match="association"):
+        dataclass_from_options(pipeline.AssociationConfig, {"radius_arcsec": 1.0, "no_such_option": 1}, "association")

@@ -1,4 +1,4 @@
-"""Tests of apsnake.template: sky grid, warping, coaddition and templates on synthetic calexps.
+"""Tests of apsnake.templates: sky grid, warping, coaddition and templates on synthetic calexps.
 
 The calexps are built here: a TAN-SIP WCS in DECam orientation (CD1_2 = +s, CD2_1 = -s,
 s = 0.263 arcsec), pixel-integrated elliptical Gaussian stars with known fluxes and sky
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -18,7 +17,7 @@ from scipy.special import erf
 
 from apsnake.exposure import Exposure, PhotoCalib, PsfModel, VisitInfo
 from apsnake.psf import measure_fwhm
-from apsnake.template import (
+from apsnake.templates import (
     CoaddConfig, SkyGrid, TemplateError, make_coadd, single_visit_template, template_for_exposure,
     warp_exposure,
 )
@@ -166,7 +165,7 @@ CCD = (1024, 512)
 
 @pytest.fixture(scope="module")
 def small_grid():
-    return SkyGrid(cell_size_deg=0.1, pixel_scale_arcsec=0.263, margin_pixels=50)
+    return SkyGrid(patch_size_deg=0.1, pixel_scale_arcsec=0.263, margin_pixels=50)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +182,7 @@ def scene():
 
 @pytest.fixture(scope="module")
 def north_up():
-    """A north-up TAN target grid around the CCD (a sky-cell-like projection)."""
+    """A north-up TAN target grid around the CCD (a sky-patch-like projection)."""
     from astropy.wcs import WCS
 
     def make(scale_arcsec=0.263, shape=(700, 1200), crval=(RA0 + 0.001, DEC0 - 0.002)):
@@ -210,9 +209,9 @@ def _footprint(ra, dec, shape=(4096, 2048), rot=0.0):
     return w, ra_c, dec_c
 
 
-def _inner_pixel(grid, cell, ra, dec):
-    """True if (ra, dec) is inside the cell's pixel grid without its margin."""
-    w, (ny, nx) = grid.cell_wcs(cell)
+def _inner_pixel(grid, patch, ra, dec):
+    """True if (ra, dec) is inside the patch's pixel grid without its margin."""
+    w, (ny, nx) = grid.patch_wcs(patch)
     x, y = w.all_world2pix([ra], [dec], 0)
     m = grid.margin_pixels
     return bool(m - 0.5 <= x[0] <= nx - 1 - m + 0.5 and m - 0.5 <= y[0] <= ny - 1 - m + 0.5)
@@ -220,46 +219,46 @@ def _inner_pixel(grid, cell, ra, dec):
 
 @pytest.mark.parametrize("ra,dec,rot", [(150.1, -5.2, 0.3), (0.02, -30.0, -0.5), (359.97, 10.0, 1.0),
                                          (45.0, -64.9, 0.0), (210.0, -75.13, 0.7), (120.0, -89.95, 0.0)])
-def test_skygrid_cells_cover_ccd(ra, dec, rot):
+def test_skygrid_patches_cover_ccd(ra, dec, rot):
     grid = SkyGrid()
     w, ra_c, dec_c = _footprint(ra, dec, rot=rot)
-    cells = grid.cell_ids_for_corners(ra_c, dec_c)
-    assert cells == grid.cell_ids_for_corners(ra_c.copy(), dec_c.copy())  # deterministic
-    assert cells == sorted(cells) and len(set(cells)) == len(cells)
-    assert all(re.fullmatch(r"d\d{4}r\d{4}", c) for c in cells)
-    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+", c) for c in cells)
-    # The four corners, the edge midpoints and the centre lie in at least one returned cell,
-    # both by the cell bounds and inside its pixel grid without margin.
+    patches = grid.patch_ids_for_corners(ra_c, dec_c)
+    assert patches == grid.patch_ids_for_corners(ra_c.copy(), dec_c.copy())  # deterministic
+    assert patches == sorted(patches) and len(set(patches)) == len(patches)
+    assert all(re.fullmatch(r"d\d{4}r\d{4}", c) for c in patches)
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+", c) for c in patches)
+    # The four corners, the edge midpoints and the centre lie in at least one returned patch,
+    # both by the patch bounds and inside its pixel grid without margin.
     ny, nx = 4096, 2048
     px = np.array([-0.5, nx - 0.5, nx - 0.5, -0.5, nx / 2, -0.5, nx - 0.5, nx / 2, nx / 2])
     py = np.array([-0.5, -0.5, ny - 0.5, ny - 0.5, ny / 2, ny / 2, ny / 2, -0.5, ny - 0.5])
     pra, pdec = w.all_pix2world(px, py, 0)
     for r, d in zip(pra, pdec):
-        holders = [c for c in cells if grid.cell_contains(c, r, d)]
-        assert holders, f"point ({r}, {d}) not in any of {cells}"
+        holders = [c for c in patches if grid.patch_contains(c, r, d)]
+        assert holders, f"point ({r}, {d}) not in any of {patches}"
         assert any(_inner_pixel(grid, c, r, d) for c in holders)
-    # Every point of the CCD lies in the cell that contains it, which is returned.
+    # Every point of the CCD lies in the patch that contains it, which is returned.
     gx, gy = np.meshgrid(np.linspace(0, nx - 1, 9), np.linspace(0, ny - 1, 17))
     gra, gdec = w.all_pix2world(gx.ravel(), gy.ravel(), 0)
-    assert set(grid.cell_ids_for_points(gra, gdec)) <= set(cells)
-    # A point just outside a cell's nominal area (within its margin) is still on its pixel grid.
-    cell = grid.cell_ids_for_points([ra], [dec])[0]
-    wc, (cny, cnx) = grid.cell_wcs(cell)
+    assert set(grid.patch_ids_for_points(gra, gdec)) <= set(patches)
+    # A point just outside a patch's nominal area (within its margin) is still on its pixel grid.
+    patch = grid.patch_ids_for_points([ra], [dec])[0]
+    wc, (cny, cnx) = grid.patch_wcs(patch)
     ra_m, dec_m = wc.all_pix2world([grid.margin_pixels / 2], [cny / 2], 0)
-    assert _inner_pixel(grid, cell, ra_m[0], dec_m[0]) is False
+    assert _inner_pixel(grid, patch, ra_m[0], dec_m[0]) is False
 
 
-def test_skygrid_cell_geometry():
+def test_skygrid_patch_geometry():
     grid = SkyGrid()
     for dec in (-80.0, -45.0, -5.0, 0.0, 30.0):
-        cell = grid.cell_ids_for_points([33.3], [dec])[0]
-        w, (ny, nx) = grid.cell_wcs(cell)
+        patch = grid.patch_ids_for_points([33.3], [dec])[0]
+        w, (ny, nx) = grid.patch_wcs(patch)
         assert ny % 2 == 1 and nx % 2 == 1
         core_x, core_y = nx - 2 * grid.margin_pixels, ny - 2 * grid.margin_pixels
-        # At least the cell side (more at high |Dec|, where the parallels curve in projection).
+        # At least the patch side (more at high |Dec|, where the parallels curve in projection).
         assert 0.25 * 3600 / 0.263 - 1 <= core_y <= 0.25 * 3600 / 0.263 * 1.01
         assert 0.9 < core_x / core_y < 1.1  # roughly square
-        ra_c, dec_c = grid.cell_center(cell)
+        ra_c, dec_c = grid.patch_center(patch)
         x, y = w.all_world2pix([ra_c], [dec_c], 0)
         assert x[0] == pytest.approx((nx - 1) / 2, abs=1e-6) and y[0] == pytest.approx((ny - 1) / 2, abs=1e-6)
         # North up, east left, square pixels of the requested scale.
@@ -269,34 +268,30 @@ def test_skygrid_cell_geometry():
         assert (r1[0] - r0[0]) < 0 and d2[0] > d0[0]
         assert (d2[0] - d0[0]) * 3600 == pytest.approx(0.263, rel=1e-3)
         assert abs(r1[0] - r0[0]) * math.cos(math.radians(d0[0])) * 3600 == pytest.approx(0.263, rel=1e-3)
-        # The cell's whole nominal area is inside its pixel grid.
-        ra0, ra1, dec0, dec1 = grid.cell_bounds(cell)
+        # The patch's whole nominal area is inside its pixel grid.
+        ra0, ra1, dec0, dec1 = grid.patch_bounds(patch)
         tr, td = np.meshgrid(np.linspace(ra0, ra1, 7), np.linspace(dec0, dec1, 7))
         cx, cy = w.all_world2pix(tr.ravel(), td.ravel(), 0)
         m = grid.margin_pixels
         assert cx.min() >= m - 0.5 and cx.max() <= nx - 1 - m + 0.5
         assert cy.min() >= m - 0.5 and cy.max() <= ny - 1 - m + 0.5
     with pytest.raises(TemplateError):
-        grid.cell_wcs("d9999r0000")
+        grid.patch_wcs("d9999r0000")
     with pytest.raises(TemplateError):
-        grid.cell_wcs("../etc")
+        grid.patch_wcs("../etc")
 
 
-def test_skygrid_is_fast_and_pure():
+def test_skygrid_is_pure():
     grid = SkyGrid()
     rng = np.random.default_rng(3)
     ras, decs = rng.uniform(0, 360, 300), rng.uniform(-88, 30, 300)
-    t = time.perf_counter()
     results = []
     for ra, dec in zip(ras, decs):
         dra = 0.08 / math.cos(math.radians(dec))
-        results.append(grid.cell_ids_for_corners([ra - dra, ra + dra, ra + dra, ra - dra],
+        results.append(grid.patch_ids_for_corners([ra - dra, ra + dra, ra + dra, ra - dra],
                                                  [dec - 0.15, dec - 0.15, dec + 0.15, dec + 0.15]))
-    elapsed = time.perf_counter() - t
-    print(f"SkyGrid: {1e3 * elapsed / len(ras):.2f} ms per cell_ids_for_corners")
-    assert elapsed < 2.0, f"{elapsed:.2f} s for 300 look-ups"
     assert all(1 <= len(r) <= 9 for r in results)
-    assert results == [SkyGrid().cell_ids_for_corners(
+    assert results == [SkyGrid().patch_ids_for_corners(
         [ra - 0.08 / math.cos(math.radians(dec)), ra + 0.08 / math.cos(math.radians(dec)),
          ra + 0.08 / math.cos(math.radians(dec)), ra - 0.08 / math.cos(math.radians(dec))],
         [dec - 0.15, dec - 0.15, dec + 0.15, dec + 0.15]) for ra, dec in zip(ras, decs)]
@@ -448,7 +443,7 @@ def test_warp_kernels_and_errors(scene, north_up):
     assert warped.mask_of("NO_DATA").all() and warped.psf is None and warped.metadata["WARPCOV"] == 0.0
 
 
-def test_full_ccd_warp_timing():
+def test_full_ccd_warp():
     shape = (4096, 2048)
     rng = np.random.default_rng(2)
     wcs = decam_wcs(RA0, DEC0, shape, rot_deg=0.3)
@@ -457,27 +452,23 @@ def test_full_ccd_warp_timing():
                    detector=5, unit="nJy", wcs=wcs, psf=gauss_psf())
     exp.mask[1000:1010, 500:505] = exp.mask_bit("SAT")
     grid = SkyGrid()
-    cell = grid.cell_ids_for_points([RA0], [DEC0])[0]
-    target, _ = grid.cell_wcs(cell)
-    target.wcs.crval = [RA0, DEC0]  # centre the CCD on this cell-like grid
+    patch = grid.patch_ids_for_points([RA0], [DEC0])[0]
+    target, _ = grid.patch_wcs(patch)
+    target.wcs.crval = [RA0, DEC0]  # centre the CCD on this patch-like grid
     target.wcs.set()
     tshape = (2100, 4200)
     target.wcs.crpix = [(tshape[1] + 1) / 2, (tshape[0] + 1) / 2]
     target.wcs.set()
-    # Wall and CPU time, best of up to 3 runs: a loaded machine slows the wall clock, spinning
-    # BLAS threads inflate the CPU time; neither is the warp's cost.
-    times = []
-    for _ in range(3):
-        t, c = time.perf_counter(), time.process_time()
-        warped = warp_exposure(exp, target, tshape)
-        times.append((time.perf_counter() - t, time.process_time() - c))
-        if min(times[-1]) < 1.5:
-            break
-    best = min(min(t) for t in times)
-    print(f"full-CCD warp (4096x2048 -> {tshape}, lanczos3, image+variance+mask+PSF): {best:.3f} s "
-          f"(wall, cpu per run: {', '.join(f'{w:.3f}/{c:.3f}' for w, c in times)})")
-    assert warped.metadata["WARPCOV"] > 0.9
-    assert best < 1.5
+    # The time this takes is measured in benchmarks/bench_warp.py, never asserted here.
+    warped = warp_exposure(exp, target, tshape)
+    covered = ~warped.mask_of("NO_DATA")
+    assert 0.9 < warped.metadata["WARPCOV"] == pytest.approx(covered.mean())
+    assert warped.mask_of("SAT").sum() >= 50  # the saturated block is carried over, grown by the kernel
+    # White noise of 30 nJy: the warped noise is smoother (correlated), never louder, and the
+    # variance plane follows the pixel scatter within the Lanczos-3 smoothing range (0.6-1.0).
+    scatter = float(np.std(warped.image[covered & ~warped.mask_of("SAT")]))
+    predicted = float(np.sqrt(np.median(warped.variance[covered])))
+    assert 0.6 * 30 < scatter < 30.5 and 0.9 < scatter / predicted < 1.25
 
 
 # ---------------------------------------------------------------------------
@@ -485,12 +476,12 @@ def test_full_ccd_warp_timing():
 # ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dithered(small_grid):
-    """4 dithered, rotated inputs of one sky, warped onto the sky cell holding the field centre."""
+    """4 dithered, rotated inputs of one sky, warped onto the sky patch holding the field centre."""
     rng = np.random.default_rng(21)
-    ra0, dec0 = small_grid.cell_center(small_grid.cell_ids_for_points([RA0], [DEC0])[0])
+    ra0, dec0 = small_grid.patch_center(small_grid.patch_ids_for_points([RA0], [DEC0])[0])
     sky = Sky(ra0, dec0, 0.1, rng, flux=(5e4, 4e5))
-    cell = small_grid.cell_ids_for_points([ra0], [dec0])[0]
-    cwcs, cshape = small_grid.cell_wcs(cell)
+    patch = small_grid.patch_ids_for_points([ra0], [dec0])[0]
+    cwcs, cshape = small_grid.patch_wcs(patch)
     shape = (1100, 1100)
     sigmas = [20.0, 20.0, 30.0, 25.0]
     inputs, warps = [], []
@@ -514,18 +505,18 @@ def dithered(small_grid):
             exp.set_mask("SAT", np.pad(np.ones((4, 4), bool), ((500, shape[0] - 504), (500, shape[1] - 504))))
         inputs.append(exp)
         warps.append(warp_exposure(exp, cwcs, cshape))
-    return dict(sky=sky, cell=cell, cwcs=cwcs, cshape=cshape, inputs=inputs, warps=warps, sigmas=sigmas,
+    return dict(sky=sky, patch=patch, cwcs=cwcs, cshape=cshape, inputs=inputs, warps=warps, sigmas=sigmas,
                 transient=(tr_ra, tr_dec), cosmic=(cr_ra, cr_dec))
 
 
 def test_coadd_fluxes_variance_and_rejection(dithered):
     d = dithered
-    coadd = make_coadd(d["warps"], CoaddConfig(), cell_id=d["cell"])
+    coadd = make_coadd(d["warps"], CoaddConfig(), patch_id=d["patch"])
     cwcs, cshape = d["cwcs"], d["cshape"]
     assert coadd.shape == cshape
     assert coadd.visit_info.visit == 0 and coadd.visit_info.band == "g"
     assert coadd.metadata["NINPUTS"] == 4 and coadd.metadata["INVISITS"] == "100,101,102,103"
-    assert coadd.metadata["CELL"] == d["cell"]
+    assert coadd.metadata["PATCH"] == d["patch"]
     # Star fluxes.
     sky = d["sky"]
     xt, yt = sky.pixels(cwcs)
@@ -604,14 +595,14 @@ def test_coadd_fits_round_trip(dithered, tmp_path):
     from apsnake.exposure import read_exposure, write_exposure
 
     d = dithered
-    coadd = make_coadd(d["warps"], cell_id=d["cell"])
+    coadd = make_coadd(d["warps"], patch_id=d["patch"])
     coadd.metadata["INVISITS"] = ",".join(str(1000000 + k) for k in range(40))  # long: CONTINUE cards
-    path = tmp_path / "coadd" / "g" / f"{d['cell']}.fits"
+    path = tmp_path / "coadd" / "g" / f"{d['patch']}.fits"
     path.parent.mkdir(parents=True)
     write_exposure(coadd, path)
     back = read_exposure(path)
     assert back.metadata["INVISITS"] == coadd.metadata["INVISITS"]
-    assert back.metadata["NINPUTS"] == 4 and back.metadata["CELL"] == d["cell"]
+    assert back.metadata["NINPUTS"] == 4 and back.metadata["PATCH"] == d["patch"]
     assert back.visit_info.band == "g" and back.visit_info.visit == 0
     np.testing.assert_array_equal(back.mask, coadd.mask)
     np.testing.assert_allclose(back.psf.evaluate(0, 0), coadd.psf.evaluate(0, 0), atol=1e-7)
@@ -643,9 +634,9 @@ def test_coadd_errors(dithered):
     empty = d["warps"][0].copy()
     empty.mask[:] = empty.mask_bit("NO_DATA")
     assert make_coadd(d["warps"][:2] + [empty]).metadata["NINPUTS"] == 2
-    none = make_coadd([empty], wcs=d["cwcs"], shape=d["cshape"], band="g", cell_id=d["cell"])
+    none = make_coadd([empty], wcs=d["cwcs"], shape=d["cshape"], band="g", patch_id=d["patch"])
     assert none.mask_of("NO_DATA").all() and none.metadata["NINPUTS"] == 0 and none.psf is None
-    assert none.shape == d["cshape"] and none.visit_info.band == "g" and none.metadata["CELL"] == d["cell"]
+    assert none.shape == d["cshape"] and none.visit_info.band == "g" and none.metadata["PATCH"] == d["patch"]
     with pytest.raises(TemplateError):
         make_coadd([empty])
 
@@ -658,21 +649,21 @@ def replace_image(exp, image):
 # Template round trip
 # ---------------------------------------------------------------------------
 def test_template_round_trip():
-    """calexp -> sky cells -> coadd -> back onto the calexp grid reproduces the sky."""
-    grid = SkyGrid(cell_size_deg=0.05, margin_pixels=20)
+    """calexp -> sky patches -> coadd -> back onto the calexp grid reproduces the sky."""
+    grid = SkyGrid(patch_size_deg=0.05, margin_pixels=20)
     rng = np.random.default_rng(31)
-    # Put the science CCD on the corner of four cells.
-    band_ = int((DEC0 + 90) / grid.cell_size_deg)
-    corner_dec = -90 + (band_ + 1) * grid.cell_size_deg
-    width = 360.0 / grid.n_ra(band_)
+    # Put the science CCD on the corner of four patches.
+    strip = int((DEC0 + 90) / grid.patch_size_deg)
+    corner_dec = -90 + (strip + 1) * grid.patch_size_deg
+    width = 360.0 / grid.n_ra(strip)
     corner_ra = math.floor(RA0 / width) * width + width
     ra0, dec0 = corner_ra + 0.003, corner_dec - 0.002
     sci_wcs = decam_wcs(ra0, dec0, CCD, rot_deg=0.2)
     sky = Sky(ra0, dec0, 0.06, rng, flux=(5e4, 4e5))
     sci_truth = sky.render(sci_wcs, CCD)
     sci = make_calexp(sci_wcs, CCD, sci_truth, 20.0, rng, visit=500, detector=7)
-    cells = grid.cell_ids_for_exposure(sci)
-    assert len(cells) >= 4
+    patches = grid.patch_ids_for_exposure(sci)
+    assert len(patches) >= 4
     # Three template visits covering the science CCD, dithered.
     tshape = (1400, 900)
     tmpl_inputs = []
@@ -680,17 +671,17 @@ def test_template_round_trip():
         wcs = decam_wcs(ra0 + 0.003 * (k - 1), dec0 + 0.002 * (k - 1), tshape, rot_deg=0.1 * k)
         tmpl_inputs.append(make_calexp(wcs, tshape, sky.render(wcs, tshape), 15.0, rng, visit=200 + k))
     coadds = []
-    for cell in cells:
-        cwcs, cshape = grid.cell_wcs(cell)
+    for patch in patches:
+        cwcs, cshape = grid.patch_wcs(patch)
         warps = [warp_exposure(e, cwcs, cshape) for e in tmpl_inputs]
         warps = [w for w in warps if w.metadata["WARPCOV"] > 0]
         if warps:
-            coadds.append(make_coadd(warps, cell_id=cell))
+            coadds.append(make_coadd(warps, patch_id=patch))
     assert len(coadds) >= 4
     template = template_for_exposure(sci, coadds)
     assert template.shape == sci.shape
     assert template.visit_info.visit == 500 and template.detector == 7
-    assert template.metadata["TMPLCOV"] > 0.99 and template.metadata["TMPLNCEL"] >= 4
+    assert template.metadata["TMPLCOV"] > 0.99 and template.metadata["TMPLNPAT"] >= 4
     assert template.metadata["INVISITS"] == "200,201,202"
     valid = ~template.mask_of("NO_DATA")
     # Sky pixels: (template - truth) / sigma_template is unit noise (a little more: after two
@@ -713,25 +704,25 @@ def test_template_round_trip():
     assert np.abs(np.median(dflux)) < 0.003 and np.abs(dflux).max() < 0.015 and dpos.max() < 0.05
     assert template.psf is not None
     assert measure_fwhm(template.psf.evaluate(0, 0)) == pytest.approx(sci.psf.fwhm_pixels, rel=0.03)
-    # With one cell only: NO_DATA where that cell does not reach.
+    # With one patch only: NO_DATA where that patch does not reach.
     partials = [(template_for_exposure(sci, [c]), c) for c in coadds]
     partial, one = max(partials, key=lambda pc: pc[0].metadata["TMPLCOV"])
     nodata = partial.mask_of("NO_DATA")
-    print(f"one cell: coverage {partial.metadata['TMPLCOV']:.3f}")
+    print(f"one patch: coverage {partial.metadata['TMPLCOV']:.3f}")
     assert 0.05 < partial.metadata["TMPLCOV"] < 0.95
     assert partial.metadata["TMPLCOV"] == pytest.approx(1 - nodata.mean())
-    assert partial.metadata["TMPLNCEL"] == 1
-    cwcs, (cny, cnx) = grid.cell_wcs(one.detector_name)
+    assert partial.metadata["TMPLNPAT"] == 1
+    cwcs, (cny, cnx) = grid.patch_wcs(one.detector_name)
     yy, xx = np.mgrid[0:CCD[0]:8, 0:CCD[1]:8]
     ra, dec = sci_wcs.all_pix2world(xx.ravel(), yy.ravel(), 0)
     cx, cy = cwcs.all_world2pix(ra, dec, 0)
-    off_cell = (cx < -1) | (cx > cnx) | (cy < -1) | (cy > cny)
-    on_cell = (cx > 6) & (cx < cnx - 7) & (cy > 6) & (cy < cny - 7)
+    off_patch = (cx < -1) | (cx > cnx) | (cy < -1) | (cy > cny)
+    on_patch = (cx > 6) & (cx < cnx - 7) & (cy > 6) & (cy < cny - 7)
     cov = ~one.mask_of("NO_DATA")
-    on_cell &= cov[np.clip(np.round(cy).astype(int), 0, cny - 1), np.clip(np.round(cx).astype(int), 0, cnx - 1)]
+    on_patch &= cov[np.clip(np.round(cy).astype(int), 0, cny - 1), np.clip(np.round(cx).astype(int), 0, cnx - 1)]
     sub = nodata[::8, ::8].ravel()
-    assert off_cell.any() and sub[off_cell].all()
-    assert on_cell.any() and not sub[on_cell].any()
+    assert off_patch.any() and sub[off_patch].all()
+    assert on_patch.any() and not sub[on_patch].any()
     assert np.all(partial.image[nodata] == 0) and np.all(partial.variance[nodata] == 0)
 
 
@@ -768,7 +759,7 @@ def test_homogenize_psfs_brings_inputs_to_the_widest_psf():
     homogenisation every input has the widest PSF and keeps its fluxes."""
     from apsnake.exposure import Exposure, PsfModel, VisitInfo
     from apsnake.psf import measure_fwhm
-    from apsnake.template import homogenize_psfs
+    from apsnake.templates import homogenize_psfs
 
     def gaussian(sigma, size=25):
         r = np.arange(size) - size // 2

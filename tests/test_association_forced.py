@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from apsnake import schema
-from apsnake.forced import forced_photometry
+from apsnake.association import forced_photometry
 from apsnake.ids import unpack
 from test_dia import FLUX_PER_SNR, SIG_S, SIGMA, VISIT, DETECTOR, make_images
 

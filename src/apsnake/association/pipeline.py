@@ -1,4 +1,4 @@
-"""Association of one data ID into the Parquet APDB (Rubin's DiaPipelineTask, ALGORITHMS.md 4).
+"""Association of one data ID into the Parquet APDB (Rubin's DiaPipelineTask; docs/algorithms.md §6).
 
 ``associate_data_id`` runs the whole step for one (visit, detector):
 
@@ -6,11 +6,11 @@
    their DiaSources and DiaForcedSources of the last ``history_window_days``, from data IDs
    of earlier visits only (so re-running an early visit never sees later
    ones). Nothing outside the cells is read.
-2. **Match** (``association.associate_sources``): one-to-one nearest neighbour within
+2. **Match** (``match.associate_sources``): one-to-one nearest neighbour within
    ``radius_arcsec``; unmatched clean sources found new DiaObjects (id = their diaSourceId),
    unmatched flagged sources stay unassociated (kept, with a null diaObjectId).
 3. **Summarise** the new and updated objects over their loaded history plus this visit
-   (``association.summarise_objects``): the new positions are what forced photometry uses.
+   (``summary.summarise_objects``): the new positions are what forced photometry uses.
 4. **Forced photometry** (``forced.forced_photometry``) at every object on the image with
    template coverage, on the difference image and the calexp; then the summaries again so that
    ``fpFluxMean`` includes this visit.
@@ -35,11 +35,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from apsnake import apdb, association, schema
+from apsnake import apdb, schema
+from apsnake.association.forced import forced_photometry
+from apsnake.association.match import associate_sources
+from apsnake.association.plan import DEFAULT_ORDER, DEFAULT_PAD_ARCSEC, cells_of
+from apsnake.association.summary import summarise_objects
 from apsnake.errors import ApsnakeError
 from apsnake.exposure import Exposure, VisitInfo, read_visit_info
-from apsnake.forced import forced_photometry
-from apsnake.skycells import DEFAULT_ORDER, DEFAULT_PAD_ARCSEC, cells_of
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +71,6 @@ class AssociationConfig:
     footprint_pad_arcsec: float = DEFAULT_PAD_ARCSEC
     history_window_days: float = 360.0
     max_new_objects: int | None = None
-
-
-def config_from_options(options: dict | None) -> AssociationConfig:
-    from apsnake.options import dataclass_from_options
-
-    return dataclass_from_options(AssociationConfig, options, "association", AssociationStepError)
-
-
-def _now_mjd_tai() -> float:
-    from astropy.time import Time
-
-    return float(Time(time.time(), format="unix").tai.mjd)
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -113,7 +103,7 @@ def associate_data_id(root: str | Path, dia_sources: pa.Table, difference: Expos
         read one after the other and let go once measured, so that only one CCD's pixels are
         in memory at a time (a full DECam CCD is ~100 MB).
     cells : sequence of int
-        The data ID's sky cells (``skycells.association_plan``), at ``config.healpix_order``.
+        The data ID's sky cells (``plan.association_plan``), at ``config.healpix_order``.
     config : AssociationConfig
     time_processed_mjd : float, optional
         ``timeProcessedMjdTai`` of the forced sources (MJD, TAI); default now.
@@ -145,7 +135,7 @@ def associate_data_id(root: str | Path, dia_sources: pa.Table, difference: Expos
 
     history = apdb.load_history(root, cells, cfg.healpix_order, (mjd, visit, detector), cfg.history_window_days)
     loaded = time.perf_counter()
-    result = association.associate_sources(sources, history.objects, cfg.radius_arcsec,
+    result = associate_sources(sources, history.objects, cfg.radius_arcsec,
                                            max_new_objects=cfg.max_new_objects)
     touched = np.union1d(result.updated_ids, result.new_ids).astype(np.int64)
     associated = result.sources[result.sources["diaObjectId"].notna()]
@@ -156,14 +146,14 @@ def associate_data_id(root: str | Path, dia_sources: pa.Table, difference: Expos
     positions = history.objects[["diaObjectId", "ra", "dec"]] if len(history.objects) else \
         pd.DataFrame({"diaObjectId": np.zeros(0, np.int64), "ra": [], "dec": []})
     if len(touched):
-        first = association.summarise_objects(touched, all_sources, history.forced_sources, mjd).to_pandas()
+        first = summarise_objects(touched, all_sources, history.forced_sources, mjd).to_pandas()
         positions = _concat([positions[~positions["diaObjectId"].isin(touched)],
                              first[["diaObjectId", "ra", "dec"]]])
     forced = forced_photometry(difference, science, positions["diaObjectId"].to_numpy(np.int64),
                                positions["ra"].to_numpy(float), positions["dec"].to_numpy(float),
                                time_processed_mjd)
     all_forced = _concat([history.forced_sources, forced.to_pandas()])
-    objects = association.summarise_objects(touched, all_sources, all_forced, mjd) if len(touched) \
+    objects = summarise_objects(touched, all_sources, all_forced, mjd) if len(touched) \
         else schema.empty_table("DiaObject")
 
     outside = 0

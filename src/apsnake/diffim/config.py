@@ -1,0 +1,158 @@
+"""Options, result and error types of image subtraction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from apsnake.errors import ApsnakeError
+from apsnake.exposure import Exposure
+
+
+class DiffimSkip(ApsnakeError, ValueError):
+    """Documented outcome "skip this data ID": too little template coverage or too few kernel
+    stars. The message gives the numbers."""
+
+
+class DiffimError(ApsnakeError, ValueError):
+    """Unusable input to the subtraction (shapes differ, a PSF is missing, bad configuration)."""
+
+
+@dataclass
+class DiffimConfig:
+    """Image subtraction options (Rubin ``AlardLuptonSubtractTask`` defaults where it has them).
+
+    Attributes
+    ----------
+    method : str
+        ``"alard-lupton"`` or ``"zogy"``.
+    convolve : str
+        ``"template"``, ``"science"`` or ``"auto"`` (convolve the science image only when the
+        template PSF is wider in both axes, Rubin ``mode="auto"``). Alard-Lupton only.
+    n_gaussians, degrees, sigmas :
+        Number, polynomial degrees and base widths (pixels) of the Gaussians of the basis.
+    scale_by_fwhm : bool
+        Scale the widths with the seeing difference (Rubin ``scaleByFwhm``).
+    min_sigma, min_sigma_deconvolve : float
+        Smallest kernel width, pixels (Rubin ``alardMinSig`` 0.7 and ``alardMinSigDeconv`` 0.4).
+    gauss_beta : float
+        Ratio of successive widths (Rubin ``alardGaussBeta``).
+    kernel_size_fwhm_scaling, kernel_size_min, kernel_size_max :
+        Kernel side = odd ``int(scaling * sigma_last)`` clamped to [min, max] pixels.
+    spatial_order : int
+        Polynomial order of the kernel's spatial variation (Rubin ``spatialKernelOrder=1``).
+    background_order : int
+        Polynomial order of the fitted differential background (Rubin ``spatialBgOrder=2``;
+        fitted, not subtracted).
+    min_stars_per_term : float
+        The orders are lowered while there are fewer kernel stars than this per polynomial term.
+    star_box_size, stars_per_box : int
+        Kernel stars are spread over square boxes of ``star_box_size`` pixels, at most
+        ``stars_per_box`` (the highest-S/N ones) per box (Rubin ``sizeCellX/Y=128``,
+        ``nStarPerCell=5``).
+    min_kernel_stars, max_kernel_stars : int
+        ``DiffimSkip`` with fewer usable kernel stars; at most this many are used.
+    kernel_star_snr : tuple of float
+        Range of S/N of kernel stars (Rubin 10-500).
+    stamp_fwhm_scaling : float
+        Fit stamp half-width = max(kernel half-width, ceil(this * FWHM of the target image)).
+    n_iter : int
+        Fit-and-reject iterations (Rubin ``maxSpatialIterations=3``).
+    max_residual_mean, max_residual_std : float
+        Reject kernel stars whose normalised residual mean / std exceed these (Rubin
+        ``candidateResidualMeanMax=0.25``, ``candidateResidualStdMax=1.5``).
+    max_condition : float
+        Eigenvalues of the (Jacobi-scaled) normal matrix below ``max / max_condition`` are
+        dropped from the solution (Rubin ``maxConditionNumber=5e7``).
+    bad_mask_planes : tuple of str
+        Mask planes that exclude a kernel star when present in its cutout of either image.
+    min_template_coverage : float
+        ``DiffimSkip`` when less than this fraction of the pixels has template coverage.
+    scale_variance : bool
+        Rescale both variance planes to the measured pixel noise first (Rubin
+        ``doScaleVariance``); factors outside ``[1/limit, limit]`` are not applied.
+    variance_scale_limit : float
+        See ``scale_variance``.
+    decorrelate : bool
+        Apply the decorrelation afterburner (Alard-Lupton only).
+    model_error : float
+        Fraction of the matched template added in quadrature to the difference variance,
+        a systematic floor for imperfect PSF matching at bright sources (0 = none, Rubin).
+    isolation_flux_ratio : float
+        A kernel star is rejected when a source within its stamp is brighter than this fraction
+        of its flux, or any source lies within 2 FWHM.
+    """
+
+    method: str = "alard-lupton"
+    convolve: str = "auto"
+    n_gaussians: int = 3
+    degrees: tuple = (4, 2, 2)
+    sigmas: tuple = (0.7, 1.5, 3.0)
+    scale_by_fwhm: bool = True
+    min_sigma: float = 0.7
+    min_sigma_deconvolve: float = 0.4
+    gauss_beta: float = 2.0
+    kernel_size_fwhm_scaling: float = 6.0
+    kernel_size_min: int = 21
+    kernel_size_max: int = 35
+    spatial_order: int = 1
+    background_order: int = 2
+    min_stars_per_term: float = 3.0
+    star_box_size: int = 128
+    stars_per_box: int = 5
+    min_kernel_stars: int = 3
+    max_kernel_stars: int = 1000
+    kernel_star_snr: tuple = (10.0, 500.0)
+    stamp_fwhm_scaling: float = 2.5
+    n_iter: int = 3
+    max_residual_mean: float = 0.25
+    max_residual_std: float = 1.5
+    max_condition: float = 5e7
+    bad_mask_planes: tuple = ("SAT", "BAD", "NO_DATA", "EDGE", "HIGH_VARIANCE")
+    min_template_coverage: float = 0.1
+    scale_variance: bool = True
+    variance_scale_limit: float = 10.0
+    decorrelate: bool = True
+    model_error: float = 0.0
+    isolation_flux_ratio: float = 0.5
+
+    def __post_init__(self):
+        if self.method not in ("alard-lupton", "zogy"):
+            raise DiffimError(f"method must be 'alard-lupton' or 'zogy', got {self.method!r}")
+        if self.convolve not in ("auto", "template", "science"):
+            raise DiffimError(f"convolve must be 'auto', 'template' or 'science', got {self.convolve!r}")
+        if not (len(self.degrees) == len(self.sigmas) == self.n_gaussians >= 1):
+            raise DiffimError(f"n_gaussians={self.n_gaussians} needs as many degrees and sigmas, "
+                              f"got {self.degrees} and {self.sigmas}")
+        if self.kernel_size_min % 2 != 1 or self.kernel_size_max < self.kernel_size_min:
+            raise DiffimError(f"kernel size range must be odd and ordered, got "
+                              f"[{self.kernel_size_min}, {self.kernel_size_max}]")
+        if self.spatial_order < 0 or self.background_order < 0:
+            raise DiffimError("spatial_order and background_order must be >= 0")
+        if self.min_kernel_stars < 1 or self.max_kernel_stars < self.min_kernel_stars:
+            raise DiffimError(f"need 1 <= min_kernel_stars <= max_kernel_stars, got "
+                              f"{self.min_kernel_stars}, {self.max_kernel_stars}")
+
+
+@dataclass
+class DiffimResult:
+    """The result of ``subtract``.
+
+    Attributes
+    ----------
+    difference : Exposure
+        Science minus PSF-matched template in the science flux unit (nJy), with its variance,
+        mask (see the module notes) and PSF (science PSF, template PSF when the science image
+        was convolved, decorrelated; ``P_D`` for ZOGY). WCS, visit info and calibration are the
+        science image's.
+    matched_template : Exposure
+        The template PSF-matched to the difference: convolved to the science PSF
+        (Alard-Lupton, template convolved), scaled by ``1 / ksum`` (science convolved), or
+        ``R * k_r`` (ZOGY); in science flux units, with the PSF to use for its forced
+        photometry (``templateFlux``). Written as the ``matchedTemplate`` product.
+    metadata : dict
+        Kernel and fit diagnostics, QA metrics and timings (see ``subtract``).
+    """
+
+    difference: Exposure
+    matched_template: Exposure
+    metadata: dict

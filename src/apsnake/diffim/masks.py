@@ -1,0 +1,83 @@
+"""The mask of a difference image, built from the science and template masks.
+
+The difference mask is the science mask OR the template planes: ``NO_DATA``, ``BAD`` and
+``HIGH_VARIANCE`` keep their names (as in Rubin: HIGH_VARIANCE only comes from templates),
+``DETECTED`` and ``DETECTED_NEGATIVE`` are dropped, every other plane ``P`` becomes
+``P_TEMPLATE`` (``SAT`` -> ``SAT_TEMPLATE``). Planes of the convolved image are grown by the
+kernel half-width (a convolved pixel takes the OR of the masks under the kernel, as afw
+does). Pixels within that distance of the border get ``EDGE``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from apsnake.exposure import Exposure, add_mask_plane
+from apsnake.numerics import grow_bits
+
+_TEMPLATE_PLANES_KEPT = ("NO_DATA", "BAD", "HIGH_VARIANCE")  # template planes keeping their name
+
+
+def _map_template_mask(template: Exposure, planes: dict) -> np.ndarray | None:
+    """Template mask bits mapped to difference planes (NO_DATA, BAD, HIGH_VARIANCE kept; DETECTED*
+    dropped; others renamed ``<PLANE>_TEMPLATE``, added to ``planes``). Returns the mapped int32
+    mask, None when no bit maps."""
+    tmask = np.asarray(template.mask, np.int32)
+    present = int(np.bitwise_or.reduce(tmask.ravel())) if tmask.size else 0
+    lut = np.zeros(1 << 16, np.int32)
+    lut_hi = np.zeros(1 << 16, np.int32)
+    any_hi = False
+    for name, bit in template.mask_planes.items():
+        if not present & (1 << bit) or name in ("DETECTED", "DETECTED_NEGATIVE"):
+            continue
+        target = name if name in _TEMPLATE_PLANES_KEPT else f"{name}_TEMPLATE"
+        value = add_mask_plane(planes, target)
+        table = lut if bit < 16 else lut_hi
+        any_hi |= bit >= 16
+        idx = np.arange(1 << 16)
+        table[(idx >> (bit % 16)) & 1 == 1] |= np.int32(value)
+    if not (lut.any() or lut_hi.any()):
+        return None
+    mapped = lut[tmask & 0xFFFF]
+    if any_hi:
+        mapped |= lut_hi[(tmask >> 16) & 0xFFFF]
+    return mapped
+
+
+def mark_edge(mask: np.ndarray, width: int, bit) -> None:
+    """OR ``bit`` into the ``width``-pixel border of ``mask`` (in place)."""
+    if width <= 0:
+        return
+    for sl in ((slice(None, width),), (slice(-width, None),), (slice(None), slice(None, width)),
+               (slice(None), slice(-width, None))):
+        mask[sl] |= bit
+
+
+def assemble_mask(science: Exposure, template: Exposure, grow_template: int, grow_science: int,
+                   covered: np.ndarray, fully_covered: bool, edge: int):
+    """Difference mask and plane dictionary; also the NO_DATA selector of the difference (None
+    when no pixel is NO_DATA)."""
+    planes = dict(science.mask_planes)
+    mapped = _map_template_mask(template, planes)
+    no_data_bit = np.int32(add_mask_plane(planes, "NO_DATA"))
+    edge_bit = np.int32(add_mask_plane(planes, "EDGE"))
+    if not fully_covered:
+        uncovered = np.where(covered, np.int32(0), no_data_bit)
+        mapped = uncovered if mapped is None else mapped | uncovered
+    if mapped is not None and grow_template:
+        mapped = grow_bits(mapped, grow_template)
+    mask = np.array(science.mask, dtype=np.int32, copy=True)
+    if grow_science:
+        keep = science.bits("DETECTED", "DETECTED_NEGATIVE")
+        grown = grow_bits(mask & np.int32(~keep), grow_science)
+        mask &= np.int32(keep)
+        mask |= grown
+    if mapped is not None:
+        mask |= mapped
+    mark_edge(mask, edge, edge_bit)
+    if mapped is None and not (science.mask_planes.get("NO_DATA") is not None
+                               and np.bitwise_or.reduce(science.mask.ravel()) & no_data_bit):
+        no_data = None
+    else:
+        no_data = (mask & no_data_bit) != 0
+    return mask, planes, no_data

@@ -1,0 +1,27 @@
+"""Templates: the fixed sky grid of patches, warping, coaddition, and the template of a calexp.
+
+Modules
+-------
+``skygrid``  ``SkyGrid``: patches of a fixed sky grid, their ids, WCSs and look-ups (no pixels)
+``mapping``  the target -> source pixel mapping of a warp, exact at nodes
+``warp``     ``warp_exposure``: resampling an Exposure onto another pixel grid (Lanczos-3)
+``coadd``    ``make_coadd``: clipped, weighted mean of warps on one patch; ``CoaddConfig``
+``select``   the template of a science calexp: ``template_for_exposure`` (coadd patches) or
+             ``best_single_visit_template`` (one template visit)
+``errors``   ``TemplateError``
+
+All functions take and return ``apsnake.exposure.Exposure`` objects; nothing here reads or
+writes files. docs/algorithms.md (templates) describes the methods.
+"""
+
+from apsnake.templates.coadd import CoaddConfig, homogenize_psfs, make_coadd
+from apsnake.templates.errors import TemplateError
+from apsnake.templates.select import (best_single_visit_template, merge_warps, single_visit_template,
+                                      template_for_exposure)
+from apsnake.templates.skygrid import SkyGrid
+from apsnake.templates.warp import warp_exposure
+
+__all__ = [
+    "CoaddConfig", "SkyGrid", "TemplateError", "best_single_visit_template", "homogenize_psfs", "make_coadd",
+    "merge_warps", "single_visit_template", "template_for_exposure", "warp_exposure",
+]
