@@ -98,7 +98,7 @@ def test_psf_fwhm_at_centre_and_corners(calibrated):
 
     c = calibrated
     v = c["visit"]
-    truth_psf = render.PsfField(c["ccd"], v["fwhm_arcsec"], v["psf_beta"], v["psf_e1"], v["psf_e2"])
+    truth_psf = render.PsfField.from_truth(c["ccd"], v)  # the PSF this CCD was rendered with
     model = c["result"].calexp.psf
     image = np.zeros(decam.TRIMMED_SHAPE, np.float32)
     for x, y in ((1024, 2048), (100, 100), (1947, 100), (100, 3995), (1947, 3995)):

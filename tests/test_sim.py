@@ -365,13 +365,16 @@ def test_refcat_columns_and_coverage(sim_test_night):
 def test_truth_table_columns(sim_test_night):
     expected = {
         "visits": ["visit", "mjd_mid_tai", "date_obs", "exposure_time", "band", "airmass", "fwhm_arcsec",
-                   "sky_e_per_pixel", "zeropoint", "pointing_dra_arcsec", "pointing_ddec_arcsec", "is_template"],
+                   "sky_e_per_pixel", "zeropoint", "pointing_dra_arcsec", "pointing_ddec_arcsec", "is_template",
+                   "psf_beta", "psf_e1", "psf_e2", "psf_halo_fraction", "psf_halo_fwhm_arcsec", "psf_halo_beta"],
         "stars": ["star_id", "ra", "dec", "g_mag", "r_mag", "i_mag", "g_flux_nJy", "r_flux_nJy", "i_flux_nJy"],
         "galaxies": ["galaxy_id", "ra", "dec", "g_mag", "g_flux_nJy", "sersic_n", "r_half_arcsec", "axis_ratio",
                      "pa_deg"],
         "timedomain": ["object_id", "kind", "visit", "ra", "dec", "flux_nJy", "template_flux_nJy", "diff_flux_nJy",
                        "detector", "x", "y"],
-        "signature": ["visit", "detector", "amp", "bias_level_adu", "gain_e_per_adu", "read_noise_e", "saturation_adu"],
+        "signature": ["visit", "detector", "amp", "bias_level_adu", "gain_e_per_adu", "read_noise_e", "saturation_adu",
+                      "fwhm_arcsec_ccd_centre", "psf_e1_ccd_centre", "psf_e2_ccd_centre",
+                      "psf_halo_fraction_ccd_centre"],
         "bias_rows": ["visit", "detector", "amp", "raw_row", "bias_adu"],
     }
     for name, cols in expected.items():
@@ -456,3 +459,207 @@ def test_unknown_preset_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="unknown simulation preset"):
         simulate_night(tmp_path, preset="nope")
+
+
+# ---------------------------------------------------------------------------
+# the PSF: measured on rendered stars, not read from its parameters
+def _render_star(psf, x=1023.0, y=2047.0, flux=1e7, half=150):
+    """Noise-free star of ``flux`` e- rendered at trimmed (x, y) of a full CCD, cut out around
+    it (``2 half + 1`` square, star at the centre) and divided by the flux; also the full sum."""
+    from apsnake.sim import render
+
+    image = np.zeros(decam.TRIMMED_SHAPE, np.float32)
+    render.render_points(image, [x], [y], [flux], psf)
+    ix, iy = round(x), round(y)
+    return image[iy - half:iy + half + 1, ix - half:ix + half + 1] / flux, float(image.sum(dtype=np.float64)) / flux
+
+
+def _measured_fwhm(stamp):
+    from apsnake.psf import measure_fwhm
+
+    c = stamp.shape[0] // 2
+    return float(measure_fwhm(stamp[c - 15:c + 16, c - 15:c + 16]))
+
+
+def _fraction_beyond(stamp, radius):
+    c = stamp.shape[0] // 2
+    g = np.arange(stamp.shape[0]) - c
+    return float(stamp[np.hypot(g[None, :], g[:, None]) > radius].sum(dtype=np.float64))
+
+
+def _fit_core_beta(stamp, fwhm):
+    """Moffat index of the core from a 2-D fit of core + beta = 2 halo (both pixel-averaged)."""
+    from scipy.optimize import least_squares
+
+    c = stamp.shape[0] // 2
+    h = int(np.ceil(6 * fwhm))
+    cut = stamp[c - h:c + h + 1, c - h:c + h + 1].astype(float)
+    g = np.arange(-h, h + 1, dtype=float)
+
+    def model(p):
+        amp, alpha, beta, halo_amp, halo_alpha = p
+        total = 0.0
+        for sx in (-0.25, 0.25):
+            for sy in (-0.25, 0.25):
+                r2 = (g[None, :] + sx) ** 2 + (g[:, None] + sy) ** 2
+                total = total + amp * (1 + r2 / alpha**2) ** -beta + halo_amp * (1 + r2 / halo_alpha**2) ** -2
+        return total / 4
+
+    p0 = [cut.max(), fwhm / 1.1, 3.0, cut.max() * 1e-3, 3.0 * fwhm]
+    fit = least_squares(lambda p: (model(p) - cut).ravel(), p0,
+                        bounds=([0, 0.3, 1.2, 0, 1.5 * fwhm], [np.inf, 50, 10, np.inf, 200]))
+    return float(fit.x[2])
+
+
+def _windowed_ellipticity(stamp, fwhm):
+    """(chi1, chi2) of Gaussian-windowed second moments (window sigma = FWHM / 2.355)."""
+    from apsnake.psf.measure import windowed_centroid
+
+    c = stamp.shape[0] // 2
+    cut = stamp[None, c - 20:c + 21, c - 20:c + 21].astype(float)
+    _, _, mxx, myy, mxy, ok = windowed_centroid(cut, np.ones_like(cut, bool), fwhm / 2.355)
+    assert ok[0]
+    return np.array([mxx[0] - myy[0], 2 * mxy[0]]) / (mxx[0] + myy[0])
+
+
+def _test_visits():
+    from apsnake.sim.observing import make_visit_conditions
+
+    return make_visit_conditions(PRESETS["test"], 1)
+
+
+def test_halo_puts_its_share_of_the_light_beyond_3_fwhm():
+    """A bright isolated star's light beyond 3 FWHM is the core's Moffat wing plus the halo's
+    share of it; a visit with a larger halo puts more there."""
+    from apsnake.sim import render
+
+    measured, expected = [], []
+    for h in (0.02, 0.05):
+        psf = render.PsfField(28, 1.0, 3.0, 0.0, 0.0, halo_fraction=h, halo_fwhm_arcsec=4.0)
+        stamp, _ = _render_star(psf)
+        fwhm_px = psf.fwhm_at(np.array([1023.0]), np.array([2047.0]))[0] / 0.2623
+        share = psf.halo_fraction_at(np.array([1023.0]), np.array([2047.0]))[0]
+        measured.append(_fraction_beyond(stamp, 3 * fwhm_px))
+        core_alpha = render.moffat_alpha(fwhm_px, 3.0)
+        expected.append((1 - share) * render.moffat_fraction_outside(3 * fwhm_px, core_alpha, 3.0)
+                        + share * render.moffat_fraction_outside(3 * fwhm_px, psf.halo_alpha_px, 2.0))
+        # beyond what a beta = 3 core alone puts there (0.93 %), 30-80 % of the local halo share
+        assert 0.3 * share < measured[-1] - 0.0093 * (1 - share) < 0.8 * share
+    np.testing.assert_allclose(measured, expected, rtol=0.03)
+    assert measured[1] - measured[0] > 0.01
+
+
+def test_every_visit_has_a_halo_that_differs_between_visits():
+    """In a simulated night, 1-6 % of a star's light lies beyond 3 (measured) FWHM; the share
+    differs between visits, and follows each visit's halo."""
+    out = {}
+    for v in _test_visits():
+        stamp, _ = _render_star(v.psf_field(28))
+        out[v.expnum] = _fraction_beyond(stamp, 3 * _measured_fwhm(stamp))
+    values = np.array(list(out.values()))
+    assert ((values > 0.01) & (values < 0.06)).all(), out
+    assert values.max() - values.min() > 0.005, out
+
+
+def test_core_beta_differs_between_visits():
+    visits = sorted(_test_visits(), key=lambda v: v.psf_beta)
+    fitted = []
+    for v in (visits[0], visits[-1]):
+        stamp, _ = _render_star(v.psf_field(28))
+        fitted.append(_fit_core_beta(stamp, _measured_fwhm(stamp)))
+        assert fitted[-1] == pytest.approx(v.psf_beta, rel=0.05)
+    assert 2.4 < fitted[0] and fitted[1] < 4.2 and fitted[1] - fitted[0] > 0.6  # stratified over 2.5-4
+
+
+def test_rendered_flux_is_conserved_halo_included():
+    """A bright star's (and a bright galaxy's) stamp reaches the halo's 0.3 e-/pixel edge and
+    holds its flux to 0.1 %; a faint star loses under 2 % (the halo below the sky noise)."""
+    from apsnake.sim import render
+
+    v = _test_visits()[-1]
+    psf = v.psf_field(25)
+    _, total = _render_star(psf, flux=1e7)
+    assert total == pytest.approx(1.0, abs=0.001)
+    _, faint = _render_star(psf, flux=1e4)
+    assert 0.98 < faint < 1.0
+    image = np.zeros(decam.TRIMMED_SHAPE, np.float32)
+    render.render_galaxies(image, [1023.0], [2047.0], [1e7], [3.0], [1.0], [0.6], [0.4], psf)
+    assert image.sum(dtype=np.float64) / 1e7 == pytest.approx(1.0, abs=0.002)
+
+
+def test_galaxies_get_the_halo_too():
+    """The light a galaxy puts beyond 20 px grows with the halo share as a star's does."""
+    from apsnake.sim import render
+
+    g = np.arange(decam.TRIMMED_SHAPE[1]) - 1023.0
+    r = np.hypot(g[None, :], (np.arange(decam.TRIMMED_SHAPE[0]) - 2047.0)[:, None])
+    excess = {}
+    for kind in ("star", "galaxy"):
+        outer = []
+        for h in (0.02, 0.05):
+            psf = render.PsfField(28, 1.0, 3.0, 0.0, 0.0, halo_fraction=h, halo_fwhm_arcsec=4.0)
+            image = np.zeros(decam.TRIMMED_SHAPE, np.float32)
+            if kind == "star":
+                render.render_points(image, [1023.0], [2047.0], [1e7], psf)
+            else:
+                render.render_galaxies(image, [1023.0], [2047.0], [1e7], [2.0], [1.0], [0.7], [0.3], psf)
+            outer.append(image[r > 20].sum(dtype=np.float64) / 1e7)
+        excess[kind] = outer[1] - outer[0]
+    assert excess["star"] > 0.005
+    assert excess["galaxy"] == pytest.approx(excess["star"], rel=0.1)
+
+
+def test_fwhm_and_ellipticity_vary_over_the_focal_plane_as_modelled():
+    """Stars at the centre of S4 (r ~ 17 mm) and of N31 (r ~ 196 mm) in the same visit: the
+    measured FWHMs differ as the model's do, and the windowed-moment ellipticity follows the
+    model's ellipticity (same direction, same response at both places)."""
+    v = _test_visits()[1]
+    xy = (np.array([1023.0]), np.array([2047.0]))
+    fwhm, model_fwhm, chi, e = [], [], [], []
+    for ccd in (28, 62):
+        psf = v.psf_field(ccd)
+        stamp, _ = _render_star(psf)
+        fwhm.append(_measured_fwhm(stamp))
+        model_fwhm.append(psf.fwhm_at(*xy)[0] / 0.2623)
+        chi.append(_windowed_ellipticity(stamp, fwhm[-1]))
+        e.append(np.array(psf.ellipticity_at(*xy)).ravel())
+    assert model_fwhm[1] / model_fwhm[0] > 1.04  # the model's own difference: a few per cent
+    assert fwhm[1] / fwhm[0] == pytest.approx(model_fwhm[1] / model_fwhm[0], rel=0.005)
+    response = [np.hypot(*c) / np.hypot(*m) for c, m in zip(chi, e)]
+    assert response[0] == pytest.approx(response[1], rel=0.05) and 0.6 < response[0] < 1.0
+    for c, m in zip(chi, e):
+        angle = 0.5 * np.degrees(np.arctan2(c[1], c[0]) - np.arctan2(m[1], m[0]))
+        assert abs((angle + 90) % 180 - 90) < 3
+    assert np.hypot(*(e[1] - e[0])) > 0.01  # the two places differ in ellipticity
+
+
+def test_visit_truth_rebuilds_the_rendered_psf(sim_test_night):
+    from apsnake.sim import render
+
+    visits = _truth(sim_test_night, "visits")
+    assert visits["psf_beta"].nunique() == len(visits) and visits["psf_beta"].between(2.5, 4.0).all()
+    share = visits["psf_halo_fraction"]
+    assert share.between(0.02, 0.05).all() and share.nunique() == len(visits)
+    assert (visits["psf_halo_fwhm_arcsec"] / visits["fwhm_arcsec"]).between(3.0, 5.0).all()
+    conditions = {v.expnum: v for v in _test_visits()}
+    for row in visits.itertuples():
+        assert render.PsfField.from_truth(32, row._asdict()) == conditions[row.visit].psf_field(32)
+    sig = _truth(sim_test_night, "signature")
+    assert sig["psf_halo_fraction_ccd_centre"].between(0.015, 0.06).all()
+
+
+def test_crowded_preset_has_several_times_the_stars():
+    from apsnake.sim import sky
+
+    crowded, demo = PRESETS["crowded"], PRESETS["demo"]
+    assert crowded.star_density_deg2 >= 5 * demo.star_density_deg2
+    region = sky.SkyRegion(150.0, 150.2, -40.1, -39.9)
+    n = {p.name: len(sky.make_stars(np.random.default_rng(3), region, p)) for p in (crowded, demo)}
+    assert n["crowded"] > 5 * n["demo"]
+    # every preset is known to the workflow's config schema and gets the realistic PSF
+    import yaml
+
+    schema = yaml.safe_load((Path(__file__).parents[1] / "config.schema.yaml").read_text())
+    assert set(schema["properties"]["simulate"]["properties"]["preset"]["enum"]) == set(PRESETS)
+    for p in PRESETS.values():
+        assert p.psf_beta_range[1] - p.psf_beta_range[0] > 1.0 and p.psf_halo_fraction_range[0] >= 0.02

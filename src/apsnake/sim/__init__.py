@@ -1,5 +1,5 @@
 """Simulated DECam nights in the real raw format, with calibrations, a reference catalogue
-and truth tables (``apsnake simulate OUTDIR --preset demo|test --seed N``).
+and truth tables (``apsnake simulate OUTDIR --preset demo|test|dense|crowded --seed N``).
 
 Modules: :mod:`~apsnake.sim.presets` (what is observed), :mod:`~apsnake.sim.observing`
 (conditions and WCS of each visit), :mod:`~apsnake.sim.sky` (stars, galaxies, time-domain

@@ -96,7 +96,8 @@ def simulate_ccd(night: NightModel, visit: observing.VisitConditions, ccdnum: in
     raw : ndarray (4146, 2160) uint16
         The raw extension pixels.
     info : dict
-        Per-CCD facts for the signature truth (cosmic rays, saturated pixels, PSF at centre).
+        Per-CCD facts for the signature truth (cosmic rays, saturated pixels, PSF core FWHM,
+        ellipticity and halo share at the CCD centre).
     bias : signature.BiasRealisation
         The bias levels and rows used.
     """
@@ -104,7 +105,7 @@ def simulate_ccd(night: NightModel, visit: observing.VisitConditions, ccdnum: in
     ny, nx = decam.TRIMMED_SHAPE
     scale_arcsec = decam.RAW_WCS_CD_DEG * 3600.0
     e_per_njy = visit.electrons_per_njy
-    psf = render.PsfField(ccdnum, visit.fwhm_arcsec, observing.PSF_BETA, visit.psf_e1, visit.psf_e2)
+    psf = visit.psf_field(ccdnum)
     image = np.zeros((ny, nx), dtype=np.float32)
     flux_col = f"{visit.band}_flux_nJy" if f"{visit.band}_flux_nJy" in stars else "g_flux_nJy"
 
@@ -158,10 +159,14 @@ def simulate_ccd(night: NightModel, visit: observing.VisitConditions, ccdnum: in
     image = signature.apply_crosstalk(image, sig)
     bias = signature.draw_bias(sig, _rng(seed, _RNG_NOISE, visit.expnum, ccdnum, 3))
     raw = signature.assemble_raw(sig, image, bias, _rng(seed, _RNG_NOISE, visit.expnum, ccdnum, 4))
+    centre = np.array([(nx - 1) / 2]), np.array([(ny - 1) / 2])
+    e1_centre, e2_centre = psf.ellipticity_at(*centre)
     info = {
         "n_stars_rendered": n_stars, "n_galaxies_rendered": n_galaxies, "n_cosmic_rays": n_cr,
         "n_saturated_pixels": n_sat,
-        "fwhm_arcsec_ccd_centre": float(psf.fwhm_at(np.array([(nx - 1) / 2]), np.array([(ny - 1) / 2]))[0]),
+        "fwhm_arcsec_ccd_centre": float(psf.fwhm_at(*centre)[0]),
+        "psf_e1_ccd_centre": float(e1_centre[0]), "psf_e2_ccd_centre": float(e2_centre[0]),
+        "psf_halo_fraction_ccd_centre": float(psf.halo_fraction_at(*centre)[0]),
     }
     return raw, info, bias
 
@@ -199,12 +204,15 @@ def _write_calibs(outdir: Path, preset: Preset, visits, signatures: dict, seed: 
 
 
 def _visits_table(visits) -> pd.DataFrame:
+    """One row per visit; the PSF columns (``fwhm_arcsec``, ``psf_*``) are those of
+    :data:`apsnake.sim.render.TRUTH_COLUMNS`, so ``render.PsfField.from_truth(ccd, row)``
+    rebuilds the PSF any CCD of the visit was rendered with."""
     rows = []
     for v in visits:
         rows.append({
             "visit": v.expnum, "mjd_mid_tai": v.mjd_mid_tai, "date_obs": v.date_obs, "mjd_obs_utc": v.mjd_obs,
             "night": v.night, "exposure_time": v.exptime, "band": v.band, "airmass": v.airmass,
-            "fwhm_arcsec": v.fwhm_arcsec, "psf_beta": observing.PSF_BETA, "psf_e1": v.psf_e1, "psf_e2": v.psf_e2,
+            **v.psf_field(0).truth_row(),  # the same for every CCD
             "sky_mag_arcsec2": v.sky_mag, "sky_e_per_pixel": v.sky_e_per_pixel, "zeropoint": v.zeropoint,
             "pointing_dra_arcsec": v.dra_arcsec, "pointing_ddec_arcsec": v.ddec_arcsec,
             "tel_ra": v.tel_ra, "tel_dec": v.tel_dec, "true_ra": v.true_ra, "true_dec": v.true_dec,
@@ -223,7 +231,7 @@ def simulate_night(outdir: str | Path, preset: str = "demo", seed: int = 1) -> d
         Output folder; gets ``raw/`` (``c4d_YYMMDD_HHMMSS_ori.fits.fz``), ``calib/``
         (master bias, flat, BPM), ``refcat.parquet``, ``truth/`` and ``sim_summary.json``.
     preset : str
-        A key of :data:`apsnake.sim.PRESETS` (``demo`` or ``test``).
+        A key of :data:`apsnake.sim.PRESETS` (``demo``, ``test``, ``dense`` or ``crowded``).
     seed : int
         Seed of every random draw; the same seed gives bit-identical products.
 

@@ -1,8 +1,10 @@
 """Observing conditions of each visit and the visit/CCD sky geometry (nominal and true WCS).
 
-Per visit the seed draws the dither, the pointing error, the seeing, the sky brightness and
-the transparency; the telescope geometry (hour angle, zenith distance, azimuth, airmass)
-follows from the UT time and the pointing. The header WCS is DECam's nominal one
+Per visit the seed draws the dither, the pointing error, the seeing and the rest of the PSF
+(:class:`apsnake.sim.render.PsfField`: core Moffat index, halo share and width, focal-plane
+patterns), the sky brightness and the transparency; the telescope geometry (hour angle,
+zenith distance, azimuth, airmass) follows from the UT time and the pointing. The header
+WCS is DECam's nominal one
 (:func:`apsnake.instruments.decam.nominal_raw_wcs`) at the *nominal* pointing; pixels are
 rendered with the *true* WCS, the same with CRVAL moved by the pointing error.
 """
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from apsnake.instruments import decam
+from apsnake.sim import render
 from apsnake.sim.presets import Preset
 
 log = logging.getLogger(__name__)
@@ -23,8 +26,16 @@ log = logging.getLogger(__name__)
 #: Small fixed non-radial distortion (deg) added to the camera's radial TPV term; the same for
 #: every CCD and visit (a stand-in for the real astrometric distortion, not a DECam fact).
 SIM_EXTRA_PV = {"PV1_4": 1.5e-4, "PV1_6": -0.8e-4, "PV2_4": 1.0e-4, "PV2_5": -0.6e-4}
-#: Moffat beta of the simulated PSF.
-PSF_BETA = 3.0
+#: Per-visit focal-plane PSF terms (see :class:`apsnake.sim.render.PsfField`): the largest
+#: linear FWHM^2 gradient (arcsec^2 at the field edge; ~0.04" across the field in 1" seeing, a
+#: camera focus/tilt residual of the size of the radial term), the RMS of each component of
+#: the visit-wide ellipticity (tracking, wind shake) and of the linear-in-field astigmatism
+#: (ellipticity at the field edge), and the largest relative gradient of the halo share.
+#: Orders of magnitude only (few-per-cent ellipticities as in the DES PSF papers).
+PSF_FWHM2_TILT_MAX_ARCSEC2 = 0.06
+PSF_E_VISIT_RMS = 0.015
+PSF_ASTIG_RMS = 0.01
+PSF_HALO_TILT_MAX = 0.2
 
 _GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
 
@@ -56,11 +67,21 @@ class VisitConditions:
     zd_deg: float
     az_deg: float
     airmass: float
-    fwhm_arcsec: float
-    psf_e1: float
+    fwhm_arcsec: float  # core FWHM at the median focal-plane radius
+    psf_e1: float  # visit-wide core ellipticity
     psf_e2: float
     sky_mag: float  # mag/arcsec^2
     zeropoint: float  # mag giving 1 e-/s
+    psf_beta: float  # Moffat index of the core
+    psf_halo_fraction: float  # share of the flux in the halo (median focal-plane radius)
+    psf_halo_fwhm_arcsec: float
+    psf_halo_beta: float
+    psf_fwhm2_tilt_arcsec2: float  # linear FWHM^2 gradient over the focal plane
+    psf_fwhm2_tilt_angle_deg: float
+    psf_astig_e1: float  # ellipticity linear in the field position
+    psf_astig_e2: float
+    psf_halo_tilt: float  # relative gradient of the halo share
+    psf_halo_tilt_angle_deg: float
 
     @property
     def sky_e_per_pixel(self) -> float:
@@ -77,6 +98,16 @@ class VisitConditions:
     def electrons_per_njy(self) -> float:
         """Electrons collected in this exposure per nJy of source flux."""
         return float(self.exptime * 10.0 ** (-0.4 * (31.4 - self.zeropoint)))
+
+    def psf_field(self, ccdnum: int) -> render.PsfField:
+        """The PSF this visit renders CCD ``ccdnum`` with."""
+        return render.PsfField(
+            int(ccdnum), self.fwhm_arcsec, self.psf_beta, self.psf_e1, self.psf_e2,
+            halo_fraction=self.psf_halo_fraction, halo_fwhm_arcsec=self.psf_halo_fwhm_arcsec,
+            halo_beta=self.psf_halo_beta, fwhm2_tilt_arcsec2=self.psf_fwhm2_tilt_arcsec2,
+            fwhm2_tilt_angle_deg=self.psf_fwhm2_tilt_angle_deg, astig_e1=self.psf_astig_e1,
+            astig_e2=self.psf_astig_e2, halo_tilt=self.psf_halo_tilt,
+            halo_tilt_angle_deg=self.psf_halo_tilt_angle_deg)
 
     @property
     def filename(self) -> str:
@@ -115,9 +146,11 @@ def _stratified(rng: np.random.Generator, n: int, lo: float, hi: float) -> np.nd
 def make_visit_conditions(preset: Preset, seed: int) -> list[VisitConditions]:
     """Draw the conditions of every visit of a preset (deterministic for a seed).
 
-    Seeing is stratified over the preset ranges (templates 0.8-1.0", science 1.0-1.6"),
-    dithers follow a golden-angle pattern so consecutive pointings differ by ~0.05-0.15 deg,
-    the pointing error is a few arcsec (never under 1 arcsec in total).
+    Seeing is stratified over the preset ranges (templates 0.8-1.0", science 1.0-1.6"), and
+    so are the PSF core's Moffat index and the halo's share over all visits (each night spans
+    the preset ranges); the halo's width (in seeing units) and the focal-plane PSF terms are
+    drawn per visit. Dithers follow a golden-angle pattern so consecutive pointings differ by
+    ~0.05-0.15 deg, the pointing error is a few arcsec (never under 1 arcsec in total).
     """
     from astropy.time import Time
 
@@ -128,6 +161,8 @@ def make_visit_conditions(preset: Preset, seed: int) -> list[VisitConditions]:
         values = _stratified(rng_plan, len(group), *lo_hi)
         fwhm.update({v.expnum: float(x) for v, x in zip(group, values)})
     phase = rng_plan.uniform(0.0, 2.0 * math.pi)
+    psf_beta = _stratified(rng_plan, len(preset.visits), *preset.psf_beta_range)
+    halo_fraction = _stratified(rng_plan, len(preset.visits), *preset.psf_halo_fraction_range)
 
     out = []
     for i, spec in enumerate(preset.visits):
@@ -157,7 +192,13 @@ def make_visit_conditions(preset: Preset, seed: int) -> list[VisitConditions]:
             sky_mag = dark_sky - rng.uniform(0.0, 0.4)
             clouds = rng.uniform(0.0, 0.08)
         zeropoint = zp1 - k_ext * (airmass - 1.0) - clouds
-        e1, e2 = rng.normal(0.0, 0.015, 2)
+        e1, e2 = rng.normal(0.0, PSF_E_VISIT_RMS, 2)
+        # The rest of the PSF from its own stream (the draws above keep their values).
+        rng_psf = np.random.default_rng([seed, 1, spec.expnum, 1])
+        halo_fwhm = fwhm[spec.expnum] * rng_psf.uniform(*preset.psf_halo_width_range)
+        tilt, tilt_angle = rng_psf.uniform(0.0, PSF_FWHM2_TILT_MAX_ARCSEC2), rng_psf.uniform(0.0, 360.0)
+        astig = rng_psf.normal(0.0, PSF_ASTIG_RMS, 2)
+        halo_tilt, halo_angle = rng_psf.uniform(0.0, PSF_HALO_TILT_MAX), rng_psf.uniform(0.0, 360.0)
         out.append(VisitConditions(
             index=i, expnum=spec.expnum, is_template=spec.is_template, band=preset.band,
             exptime=preset.exptime, date_obs=start.isot, mjd_obs=mjd_obs, mjd_mid_tai=mjd_mid_tai,
@@ -165,6 +206,11 @@ def make_visit_conditions(preset: Preset, seed: int) -> list[VisitConditions]:
             dra_arcsec=float(dra), ddec_arcsec=float(ddec), ha_deg=ha, zd_deg=zd, az_deg=az,
             airmass=airmass, fwhm_arcsec=fwhm[spec.expnum], psf_e1=float(e1), psf_e2=float(e2),
             sky_mag=float(sky_mag), zeropoint=float(zeropoint),
+            psf_beta=float(psf_beta[i]), psf_halo_fraction=float(halo_fraction[i]),
+            psf_halo_fwhm_arcsec=float(halo_fwhm), psf_halo_beta=render.HALO_BETA,
+            psf_fwhm2_tilt_arcsec2=float(tilt), psf_fwhm2_tilt_angle_deg=float(tilt_angle),
+            psf_astig_e1=float(astig[0]), psf_astig_e2=float(astig[1]),
+            psf_halo_tilt=float(halo_tilt), psf_halo_tilt_angle_deg=float(halo_angle),
         ))
     return out
 

@@ -1,10 +1,19 @@
-"""Render point sources and galaxies into an electron image with a spatially varying Moffat PSF.
+"""Render point sources and galaxies into an electron image with a spatially varying DECam-like PSF.
 
-Sources are drawn into small stamps whose size grows with brightness and seeing, batched by
-stamp size and evaluated with numpy (no per-pixel Python loop), then added to the image with
-``np.add.at``. The PSF is a Moffat integrated over the pixel (2x2 sub-samples); galaxies
-(Sersic profiles) are convolved with the local PSF by FFT on a 3x oversampled grid and
-integrated over pixels, in batches.
+The PSF (:class:`PsfField`) is the sum of an elliptical Moffat core and a wide, round Moffat
+halo (β = 2) holding a few per cent of the flux; the core's Moffat index, the halo's share and
+width, and the FWHM and ellipticity patterns across the focal plane change from visit to
+visit. Everything (stars, galaxies, transients, asteroid trails) goes through the same PSF.
+
+Sources are drawn into square stamps whose size grows with brightness and seeing: a stamp
+reaches out to where the core, and separately the halo, falls below ``STAMP_THRESHOLD_E``, so
+only bright sources get the large stamps the halo needs. Stamps are batched by size and
+evaluated with numpy (no per-pixel Python loop), then added to the image with ``np.add.at``.
+Both PSF components carry their analytic normalisation, so a stamp holds the source's flux
+minus only what falls outside the stamp (below the threshold everywhere there). The core is
+integrated over the pixel (2x2 sub-samples); the halo, many pixels wide, is sampled at pixel
+centres. Galaxies (Sersic profiles) are convolved with the local PSF, halo included, by FFT on
+a 3x oversampled grid and integrated over pixels, in batches.
 
 Pixel coordinates are 0-based trimmed CCD coordinates (x = column, y = row); fluxes are
 electrons in the exposure.
@@ -19,8 +28,10 @@ import numpy as np
 
 from apsnake.instruments import decam
 
-#: Stamp half-sizes (pixels); a stamp is 2*half x 2*half with the source near its centre.
-STAMP_HALVES = (8, 12, 16, 24, 32, 48, 64)
+#: Stamp half-sizes (pixels); a stamp is 2*half x 2*half with the source near its centre. The
+#: largest ones are for the halo of the brightest stars (a g = 9 star's halo reaches the
+#: threshold ~200 px out).
+STAMP_HALVES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 #: Sub-pixels per pixel axis on which galaxies are drawn and convolved before being summed
 #: into pixels: a Sersic core sampled only at pixel centres changes shape with the sub-pixel
 #: position (3-4 % of the flux of an n = 4 galaxy moves between visits), which no real sky does
@@ -28,26 +39,105 @@ STAMP_HALVES = (8, 12, 16, 24, 32, 48, 64)
 GALAXY_OVERSAMPLING = 3
 #: Surface brightness (e-/pixel) at which a stamp may be cut (well below the sky noise).
 STAMP_THRESHOLD_E = 0.3
-#: Focal-plane radius (mm) normalising the PSF variation.
+#: Focal-plane radius (mm) normalising the PSF variation (the edge of the DECam science array).
 _FP_RADIUS_MM = 225.0
+
+# ---------------------------------------------------------------------------------------------
+# Focal-plane pattern of the PSF (the same for every visit; the per-visit parts are PsfField
+# attributes). rho = r / 225 mm; the visit FWHM is the value at rho^2 = 0.5 (r ~ 160 mm).
+#
+#: Radial term of the optical FWHM^2 (arcsec^2): FWHM^2 = FWHM_visit^2 + k (rho^2 - 0.5), i.e.
+#: an optics + focal-plane contribution adding in quadrature to the seeing, growing from
+#: ~0.3" at the centre to ~0.5" at the edge (DECam budget: optics, alignment and CCD
+#: flatness <= 0.36" FWHM, DES science-verification image-quality requirement IQ-R2; the
+#: commissioning team reported the FWHM varying by ~0.1" over the field in 0.8" seeing,
+#: DECam commissioning blog, 2012-09-17). It gives +-0.04" about the median in 1" seeing,
+#: +-0.05" in 0.8" seeing: relatively more in good seeing, as the optics add in quadrature.
+FWHM2_RADIAL_ARCSEC2 = 0.16
+#: Radial ellipticity ((a-b)/(a+b), major axis along the radius) at the field edge, growing as
+#: rho^2: the design astigmatism of a wide-field prime-focus corrector. Its size, and that of
+#: the per-visit terms drawn in observing.py, are of the few-per-cent order of the PSF
+#: ellipticity patterns shown by the DES PSF papers (Jarvis et al. 2016, MNRAS 460, 2245;
+#: Jarvis et al. 2021, MNRAS 501, 1282); they are not fits to those figures.
+ELLIPTICITY_RADIAL = 0.02
+#: Relative change of the halo's share across the focal plane: share = share_visit (1 +
+#: k (rho^2 - 0.5) + per-visit gradient), i.e. +-15 % from the median radius to the centre
+#: and the edge (an assumption: no published DECam number for the aureole's field dependence).
+HALO_RADIAL = 0.3
+#: Moffat index of the halo. A beta = 2 Moffat falls as r^-4 beyond its core: steeper than the
+#: r^-2 power law the Legacy Surveys fit to DECam g/r stellar wings beyond ~5" (DR9/DR10 "PSF"
+#: page, R. Zhou: 4.5e-4 r^-2 of the flux per arcsec^2 in g), so it carries the few-per-cent
+#: aureole at 2-10" that DIA sees (a much wider z-band outer Moffat there: alpha = 17.65",
+#: beta = 1.7, 1.45 % of the flux) without the arcminute-scale scattered light, which no stamp
+#: here could hold.
+HALO_BETA = 2.0
+
+#: PsfField attribute -> column of the visit truth table (truth/visits.parquet).
+TRUTH_COLUMNS = {
+    "fwhm_arcsec": "fwhm_arcsec", "beta": "psf_beta", "e1": "psf_e1", "e2": "psf_e2",
+    "halo_fraction": "psf_halo_fraction", "halo_fwhm_arcsec": "psf_halo_fwhm_arcsec", "halo_beta": "psf_halo_beta",
+    "fwhm2_tilt_arcsec2": "psf_fwhm2_tilt_arcsec2", "fwhm2_tilt_angle_deg": "psf_fwhm2_tilt_angle_deg",
+    "astig_e1": "psf_astig_e1", "astig_e2": "psf_astig_e2",
+    "halo_tilt": "psf_halo_tilt", "halo_tilt_angle_deg": "psf_halo_tilt_angle_deg",
+}
+
+
+def moffat_alpha(fwhm, beta):
+    """Moffat core radius alpha (same unit as ``fwhm``) of a profile of FWHM ``fwhm``."""
+    return np.asarray(fwhm) / (2.0 * np.sqrt(2.0 ** (1.0 / np.asarray(beta)) - 1.0))
+
+
+def moffat_fraction_outside(r, alpha, beta):
+    """Flux fraction of a round, normalised Moffat beyond radius ``r``: (1 + r^2/alpha^2)^(1-beta)."""
+    return (1.0 + (np.asarray(r, float) / alpha) ** 2) ** (1.0 - beta)
 
 
 @dataclass(frozen=True)
 class PsfField:
-    """Moffat PSF of one visit on one CCD, varying smoothly over the focal plane.
+    """DECam-like PSF of one visit on one CCD: elliptical Moffat core + round Moffat halo.
 
-    FWHM(r) = fwhm_arcsec * (1 + 0.08 ((r / 225 mm)^2 - 0.5)), i.e. a few per cent across a
-    CCD, and a radial ellipticity 0.03 (r / 225 mm)^2 on top of the visit ellipticity (e1, e2).
+    ``PSF(r) = (1 - h) Moffat(a, b, theta, beta) + h Moffat(alpha_h, halo_beta)``, each
+    normalised to unit flux, with the core's FWHM and ellipticity and the halo's share ``h``
+    varying smoothly over the focal plane (u, v = focal-plane position / 225 mm, rho^2 =
+    u^2 + v^2, phi its position angle):
+
+    * core FWHM: ``FWHM^2 = fwhm_arcsec^2 + FWHM2_RADIAL_ARCSEC2 (rho^2 - 0.5) +
+      fwhm2_tilt_arcsec2 (u cos t + v sin t)`` with ``t = fwhm2_tilt_angle_deg`` (a per-visit
+      focus/tilt gradient of the camera), floored at half the visit FWHM;
+    * core ellipticity ((a-b)/(a+b), pixel axes): ``e = (e1, e2) + ELLIPTICITY_RADIAL rho^2
+      (cos 2phi, sin 2phi) + (astig_e1 u + astig_e2 v, astig_e2 u - astig_e1 v)``: the visit
+      part (tracking, wind shake), the fixed radial astigmatism and a per-visit astigmatism
+      linear in the field (residual misalignment), clipped at 0.5;
+    * halo share: ``h = halo_fraction (1 + HALO_RADIAL (rho^2 - 0.5) + halo_tilt (u cos s +
+      v sin s))``, ``s = halo_tilt_angle_deg``, clipped to [0, 0.2]; the halo's FWHM
+      (``halo_fwhm_arcsec``) is the same over the focal plane.
+
+    ``fwhm_arcsec`` is the visit seeing at rho^2 = 0.5 (r ~ 160 mm, about the median over the
+    focal plane). The halo widens the total PSF's FWHM by well under 1 %: its peak is ~1e-3 of
+    the core's. With ``halo_fraction = 0`` and the pattern terms 0 this is a plain Moffat.
 
     Attributes
     ----------
     ccdnum : int
     fwhm_arcsec : float
-        Visit seeing (the value at r ~ 160 mm, i.e. about the median over the focal plane).
+        Visit seeing (core FWHM at rho^2 = 0.5), arcsec.
     beta : float
-        Moffat index.
+        Moffat index of the core.
     e1, e2 : float
-        Visit-wide ellipticity components ((a-b)/(a+b) convention, pixel axes).
+        Visit-wide core ellipticity components.
+    halo_fraction : float
+        Share of the flux in the halo at rho^2 = 0.5.
+    halo_fwhm_arcsec : float
+        FWHM of the halo Moffat, arcsec (no halo when 0).
+    halo_beta : float
+        Moffat index of the halo.
+    fwhm2_tilt_arcsec2, fwhm2_tilt_angle_deg : float
+        Amplitude (arcsec^2 at rho = 1) and direction (deg from focal-plane +x) of the linear
+        FWHM^2 gradient.
+    astig_e1, astig_e2 : float
+        Linear-in-field astigmatism (ellipticity at rho = 1).
+    halo_tilt, halo_tilt_angle_deg : float
+        Relative gradient (at rho = 1) and direction of the halo share.
     """
 
     ccdnum: int
@@ -55,34 +145,88 @@ class PsfField:
     beta: float
     e1: float
     e2: float
+    halo_fraction: float = 0.0
+    halo_fwhm_arcsec: float = 0.0
+    halo_beta: float = HALO_BETA
+    fwhm2_tilt_arcsec2: float = 0.0
+    fwhm2_tilt_angle_deg: float = 0.0
+    astig_e1: float = 0.0
+    astig_e2: float = 0.0
+    halo_tilt: float = 0.0
+    halo_tilt_angle_deg: float = 0.0
+
+    @classmethod
+    def from_truth(cls, ccdnum: int, row) -> PsfField:
+        """The PSF of a visit on CCD ``ccdnum`` from its row of truth/visits.parquet (a mapping)."""
+        return cls(int(ccdnum), **{f: float(row[c]) for f, c in TRUTH_COLUMNS.items()})
+
+    def truth_row(self) -> dict:
+        """The visit-table columns of this PSF (:data:`TRUTH_COLUMNS`)."""
+        return {c: float(getattr(self, f)) for f, c in TRUTH_COLUMNS.items()}
+
+    def _focal_plane(self, x, y):
+        fx, fy = decam.trimmed_to_focal_plane(self.ccdnum, x, y)
+        return fx / _FP_RADIUS_MM, fy / _FP_RADIUS_MM
+
+    def fwhm_at(self, x, y) -> np.ndarray:
+        """Core FWHM (geometric mean of the major and minor axes, arcsec) at trimmed pixel positions."""
+        u, v = self._focal_plane(x, y)
+        t = math.radians(self.fwhm2_tilt_angle_deg)
+        d2 = (FWHM2_RADIAL_ARCSEC2 * (u * u + v * v - 0.5)
+              + self.fwhm2_tilt_arcsec2 * (u * math.cos(t) + v * math.sin(t)))
+        return np.sqrt(np.maximum(self.fwhm_arcsec**2 + d2, 0.25 * self.fwhm_arcsec**2))
+
+    def ellipticity_at(self, x, y) -> tuple[np.ndarray, np.ndarray]:
+        """Core ellipticity (e1, e2), (a-b)/(a+b) convention in the pixel axes, before the 0.5 clip."""
+        u, v = self._focal_plane(x, y)
+        rho2 = u * u + v * v
+        phi = np.arctan2(v, u)
+        e1 = self.e1 + ELLIPTICITY_RADIAL * rho2 * np.cos(2 * phi) + self.astig_e1 * u + self.astig_e2 * v
+        e2 = self.e2 + ELLIPTICITY_RADIAL * rho2 * np.sin(2 * phi) + self.astig_e2 * u - self.astig_e1 * v
+        return e1, e2
 
     def shape_at(self, x, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(a, b, theta): Moffat major/minor core radii (pixels) and major-axis angle (rad, from +x)."""
-        fx, fy = decam.trimmed_to_focal_plane(self.ccdnum, x, y)
-        r2 = (fx * fx + fy * fy) / _FP_RADIUS_MM**2
-        fwhm_px = self.fwhm_arcsec / (decam.RAW_WCS_CD_DEG * 3600.0) * (1.0 + 0.08 * (r2 - 0.5))
-        phi = np.arctan2(fy, fx)
-        e1 = self.e1 + 0.03 * r2 * np.cos(2 * phi)
-        e2 = self.e2 + 0.03 * r2 * np.sin(2 * phi)
+        fwhm_px = self.fwhm_at(x, y) / (decam.RAW_WCS_CD_DEG * 3600.0)
+        e1, e2 = self.ellipticity_at(x, y)
         e = np.clip(np.hypot(e1, e2), 0.0, 0.5)
         theta = 0.5 * np.arctan2(e2, e1)
-        alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / self.beta) - 1.0))
+        alpha = moffat_alpha(fwhm_px, self.beta)
         q = (1.0 - e) / (1.0 + e)
         return alpha / np.sqrt(q), alpha * np.sqrt(q), theta
 
-    def fwhm_at(self, x, y) -> np.ndarray:
-        """Geometric-mean FWHM (arcsec) at trimmed pixel positions."""
-        a, b, _ = self.shape_at(x, y)
-        return np.sqrt(a * b) * 2.0 * math.sqrt(2.0 ** (1.0 / self.beta) - 1.0) * decam.RAW_WCS_CD_DEG * 3600.0
+    @property
+    def halo_alpha_px(self) -> float:
+        """Core radius alpha of the halo Moffat, pixels."""
+        return float(moffat_alpha(self.halo_fwhm_arcsec / (decam.RAW_WCS_CD_DEG * 3600.0), self.halo_beta))
+
+    def halo_fraction_at(self, x, y) -> np.ndarray:
+        """Share of the flux in the halo at trimmed pixel positions (0 when there is no halo)."""
+        u, v = self._focal_plane(x, y)
+        if self.halo_fraction <= 0 or self.halo_fwhm_arcsec <= 0:
+            return np.zeros(np.shape(u))
+        s = math.radians(self.halo_tilt_angle_deg)
+        rel = 1.0 + HALO_RADIAL * (u * u + v * v - 0.5) + self.halo_tilt * (u * math.cos(s) + v * math.sin(s))
+        return np.clip(self.halo_fraction * rel, 0.0, 0.2)
 
 
-def _stamp_half(alpha, peak, beta, extra=0.0):
-    """Smallest stamp half-size reaching ``STAMP_THRESHOLD_E`` (and at least 3.5 alpha)."""
+def _stamp_half(alpha, peak, beta, extra=0.0, floor=3.5):
+    """Smallest stamp half-size where a Moffat of core radius ``alpha``, index ``beta`` and
+    central surface brightness ``peak`` (e-/pixel) has fallen to ``STAMP_THRESHOLD_E``, the
+    source's own extent ``extra`` added in quadrature (and at least ``floor`` alpha)."""
     x = np.sqrt(np.maximum((np.maximum(peak, 1e-9) / STAMP_THRESHOLD_E) ** (1.0 / beta) - 1.0, 0.0))
-    need = np.hypot(np.maximum(x, 3.5) * alpha, extra)
+    need = np.hypot(np.maximum(x, floor) * alpha, extra)
     halves = np.asarray(STAMP_HALVES)
     idx = np.minimum(np.searchsorted(halves, need), len(halves) - 1)
     return halves[idx]
+
+
+def _halves(psf: PsfField, alpha, core_peak, halo_peak, extra=0.0):
+    """Stamp half-sizes covering both the core and the halo down to the threshold."""
+    halves = _stamp_half(alpha, core_peak, psf.beta, extra)
+    if np.any(halo_peak > 0):
+        halves = np.maximum(halves, _stamp_half(psf.halo_alpha_px, halo_peak, psf.halo_beta, extra, floor=0.0))
+    return halves
 
 
 def _grid(n, half, cx, cy):
@@ -94,12 +238,19 @@ def _grid(n, half, cx, cy):
 
 
 def _moffat(dx, dy, a, b, theta, beta):
+    """Unnormalised elliptical Moffat (1 + (u/a)^2 + (v/b)^2)^-beta, one (a, b, theta) per stamp."""
     c = np.cos(theta).astype(np.float32)[:, None, None]
     s = np.sin(theta).astype(np.float32)[:, None, None]
     u = dx * c + dy * s
     v = -dx * s + dy * c
     q = (u / a.astype(np.float32)[:, None, None]) ** 2 + (v / b.astype(np.float32)[:, None, None]) ** 2
     return (1.0 + q) ** np.float32(-beta)
+
+
+def _moffat_round(dx, dy, alpha, beta):
+    """Unnormalised round Moffat (1 + r^2/alpha^2)^-beta (one alpha for all; fast for beta = 2)."""
+    w = 1.0 / (1.0 + (dx * dx + dy * dy) * np.float32(1.0 / alpha**2))
+    return w * w if beta == 2.0 else w ** np.float32(beta)
 
 
 def _moffat_pixel(dx, dy, a, b, theta, beta):
@@ -125,23 +276,31 @@ def _add_stamps(image, ix, iy, half, stamps):
 def render_points(image: np.ndarray, x, y, flux_e, psf: PsfField) -> None:
     """Add point sources (electrons ``flux_e``) at trimmed positions (x, y) to ``image`` in place.
 
-    Each stamp is normalised to the flux inside it, ``flux_e * (1 - wing)``, where ``wing`` is
-    the Moffat flux beyond the stamp's half-size (negligible by construction).
+    Each stamp holds ``flux_e`` times the PSF (core and halo with their analytic
+    normalisations): the source's flux minus what falls outside the stamp, where both
+    components are below ``STAMP_THRESHOLD_E`` (for faint sources that is part of the halo's
+    few per cent, spread far below the sky noise).
     """
     x, y, flux_e = (np.asarray(v, dtype=float) for v in (x, y, flux_e))
     if x.size == 0:
         return
     a, b, theta = psf.shape_at(x, y)
     alpha = np.sqrt(a * b)
-    peak = flux_e * (psf.beta - 1.0) / (np.pi * alpha**2)
-    halves = _stamp_half(alpha, peak, psf.beta)
+    h = psf.halo_fraction_at(x, y)
+    core_amp = flux_e * (1.0 - h) * (psf.beta - 1.0) / (np.pi * a * b)  # central e-/pixel
+    halo_amp = np.zeros_like(flux_e)
+    if np.any(h > 0):
+        halo_amp = flux_e * h * (psf.halo_beta - 1.0) / (np.pi * psf.halo_alpha_px**2)
+    halves = _halves(psf, alpha, core_amp, halo_amp)
     ix, iy = np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)
     for half in np.unique(halves):
         sel = np.nonzero(halves == half)[0]
         dx, dy = _grid(len(sel), half, x[sel] - ix[sel], y[sel] - iy[sel])
         st = _moffat_pixel(dx, dy, a[sel], b[sel], theta[sel], psf.beta)
-        wing = (1.0 + (half / alpha[sel]) ** 2) ** (1.0 - psf.beta)
-        st *= ((flux_e[sel] * (1.0 - wing)) / st.sum(axis=(1, 2), dtype=np.float64)).astype(np.float32)[:, None, None]
+        st *= core_amp[sel].astype(np.float32)[:, None, None]
+        if np.any(halo_amp[sel] > 0):
+            halo = _moffat_round(dx, dy, psf.halo_alpha_px, psf.halo_beta)
+            st += halo * halo_amp[sel].astype(np.float32)[:, None, None]
         _add_stamps(image, ix[sel], iy[sel], half, st)
 
 
@@ -150,7 +309,11 @@ def _sersic_b(n):
 
 
 def render_galaxies(image: np.ndarray, x, y, flux_e, r_half_px, sersic_n, axis_ratio, theta, psf: PsfField) -> None:
-    """Add Sersic galaxies convolved with the local PSF to ``image`` in place.
+    """Add Sersic galaxies convolved with the local PSF (core and halo) to ``image`` in place.
+
+    The galaxy is normalised over its stamp and convolved with the PSF sampled on the same
+    grid with its analytic normalisation, so, as for stars, only the PSF light falling outside
+    the stamp (below ``STAMP_THRESHOLD_E``) is missing.
 
     Parameters
     ----------
@@ -173,9 +336,14 @@ def render_galaxies(image: np.ndarray, x, y, flux_e, r_half_px, sersic_n, axis_r
 
     a, b, pth = psf.shape_at(x, y)
     alpha = np.sqrt(a * b)
+    h = psf.halo_fraction_at(x, y)
+    with_halo = bool(np.any(h > 0))
     # Peak of the convolved profile is at most the PSF peak; the galaxy extent adds in quadrature.
-    peak = flux_e * (psf.beta - 1.0) / (np.pi * (alpha**2 + r_half_px**2))
-    halves = _stamp_half(alpha, peak, psf.beta, extra=np.where(sersic_n > 2, 5.0, 3.5) * r_half_px)
+    core_peak = flux_e * (1.0 - h) * (psf.beta - 1.0) / (np.pi * (alpha**2 + r_half_px**2))
+    halo_peak = np.zeros_like(flux_e)
+    if with_halo:
+        halo_peak = flux_e * h * (psf.halo_beta - 1.0) / (np.pi * (psf.halo_alpha_px**2 + r_half_px**2))
+    halves = _halves(psf, alpha, core_peak, halo_peak, extra=np.where(sersic_n > 2, 5.0, 3.5) * r_half_px)
     ix, iy = np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)
     sub = GALAXY_OVERSAMPLING
     for half in np.unique(halves):
@@ -185,6 +353,12 @@ def render_galaxies(image: np.ndarray, x, y, flux_e, r_half_px, sersic_n, axis_r
         k = np.arange(n_fine)
         t_gal = ((k // sub - half) + (k % sub - (sub - 1) / 2.0) / sub).astype(np.float32)
         t_psf = ((k - n_fine // 2) / sub).astype(np.float32)
+        halo_ft = None
+        if with_halo:
+            # Round halo, the same for every galaxy of the batch: one transform per stamp size.
+            hal = _moffat_round(t_psf[None, :], t_psf[:, None], psf.halo_alpha_px, psf.halo_beta)
+            hal *= np.float32((psf.halo_beta - 1.0) / (np.pi * psf.halo_alpha_px**2 * sub * sub))
+            halo_ft = fft.rfft2(np.fft.ifftshift(hal))
         per_chunk = max(1, int(4_000_000 // n_fine**2))
         members = np.nonzero(halves == half)[0]
         for chunk in np.array_split(members, max(1, -(-members.size // per_chunk))):
@@ -206,12 +380,15 @@ def render_galaxies(image: np.ndarray, x, y, flux_e, r_half_px, sersic_n, axis_r
             zero = np.zeros((n, 1, 1), dtype=np.float32)
             p = _moffat(t_psf[None, None, :] + zero, t_psf[None, :, None] + zero, a[chunk], b[chunk], pth[chunk],
                         psf.beta)
-            p /= p.sum(axis=(1, 2), keepdims=True)
-            p = np.fft.ifftshift(p, axes=(1, 2))
-            conv = fft.irfft2(fft.rfft2(gal, axes=(1, 2)) * fft.rfft2(p, axes=(1, 2)), s=gal.shape[1:], axes=(1, 2))
+            core_norm = (1.0 - h[chunk]) * (psf.beta - 1.0) / (np.pi * a[chunk] * b[chunk] * sub * sub)
+            p *= core_norm.astype(np.float32)[:, None, None]
+            kernel_ft = fft.rfft2(np.fft.ifftshift(p, axes=(1, 2)), axes=(1, 2))
+            if halo_ft is not None:
+                kernel_ft += h[chunk].astype(np.float32)[:, None, None] * halo_ft[None]
+            conv = fft.irfft2(fft.rfft2(gal, axes=(1, 2)) * kernel_ft, s=gal.shape[1:], axes=(1, 2))
             # Integrate over each pixel: sum its sub x sub samples.
             conv = conv.reshape(n, 2 * half, sub, 2 * half, sub).sum(axis=(2, 4))
-            conv *= (flux_e[chunk] / conv.sum(axis=(1, 2), dtype=np.float64)).astype(np.float32)[:, None, None]
+            conv *= flux_e[chunk].astype(np.float32)[:, None, None]
             _add_stamps(image, ix[chunk], iy[chunk], half, conv.astype(np.float32))
 
 
