@@ -1,6 +1,7 @@
 """Difference-imaging and DIA-source quality against the simulator's truth.
 
-    python benchmarks/measure_dia_truth.py [--template-mode single] [PRESET ...]   (default: dense demo)
+    python benchmarks/measure_dia_truth.py [--template-mode single] [--score-only DIR] [PRESET ...]
+        (default presets: dense demo)
 
 For each preset: simulate the night (once, under benchmarks/out/), run the workflow on it
 with 2 cores, then match every science data ID's diaSrc to the truth and print:
@@ -13,6 +14,19 @@ residual rms < 1.3. Then the association into the APDB (issue 6): the fraction o
 objects detected in two or more visits with all detections on one DiaObject (>= 99%), the
 fraction of DiaObjects mixing two truth objects (< 1%) and DiaObjects linking asteroid
 detections of different visits (0).
+
+Issue 11 (definitions in ``apsnake.sim.evaluate``'s docstring): false detections per
+CCD-visit by class (near stars of g < 16, 16-18, 18-20, fainter; on galaxies; cosmic rays;
+bad pixels/columns and edges; none of these), each source in the first class that applies,
+with the share of negative sources, the non-exclusive counts and the fraction of the CCD area
+each class covers; completeness of positive and negative sources on good pixels (not masked,
+template covered, > 20 px from the edge) at true S/N >= 10 and per S/N bin, near other
+sources and away from them (target: >= 97% at S/N >= 10, positive and negative within 3
+points); the true S/N at 50% completeness (maximum-likelihood fit and isotonic regression).
+
+``--score-only DIR`` skips simulating and running: it scores the finished run in
+``DIR/workflow_<preset>[_<mode>]/out`` against the night ``DIR/<preset>_1`` (for instance a
+run made by another checkout).
 """
 
 import json
@@ -43,11 +57,33 @@ def run_workflow(preset: str, template_mode: str = "coadd") -> tuple[Path, Path,
     return night, work / "out", summary
 
 
-def main(presets: list[str], template_mode: str = "coadd") -> None:
+def finished_run(root: Path, preset: str, template_mode: str = "coadd") -> tuple[Path, Path, dict]:
+    """Night, output folder and summary of a run already made under ``root``."""
+    night = root / f"{preset}_1"
+    summary = json.loads((night / "sim_summary.json").read_text())
+    out = root / (f"workflow_{preset}" + ("" if template_mode == "coadd" else f"_{template_mode}")) / "out"
+    return night, out, summary
+
+
+def _fmt(value) -> str:
+    """A metric for printing: (fraction, n) pairs as "0.973 (36)", dicts one entry after another."""
+    if isinstance(value, dict):
+        return " | ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+        return f"{value[0]:.3f} ({value[1]})"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def main(presets: list[str], template_mode: str = "coadd", score_only: Path | None = None) -> None:
     from apsnake.sim.evaluate import evaluate_association, evaluate_data_id, static_star_residuals, summarise
 
     for preset in presets:
-        night, out, summary = run_workflow(preset, template_mode)
+        if score_only is None:
+            night, out, summary = run_workflow(preset, template_mode)
+        else:
+            night, out, summary = finished_run(score_only, preset, template_mode)
         results, residuals = [], []
         for visit in summary["science_visits"]:
             for detector in summary["ccds"]:
@@ -61,12 +97,17 @@ def main(presets: list[str], template_mode: str = "coadd") -> None:
         metrics.update({f"association_{k}": v for k, v in evaluate_association(night, out).items()})
         print(f"\n== preset {preset}, templates {template_mode}: {len(results)} CCD-visits ==")
         for key, value in metrics.items():
-            print(f"{key:48s} {value}")
+            print(f"{key:52s} {_fmt(value)}")
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    mode = "coadd"
-    if args[:1] == ["--template-mode"]:
-        mode, args = args[1], args[2:]
-    main(args or ["dense", "demo"], mode)
+    mode, root = "coadd", None
+    while args[:1] and args[0].startswith("--"):
+        if args[0] == "--template-mode":
+            mode, args = args[1], args[2:]
+        elif args[0] == "--score-only":
+            root, args = Path(args[1]), args[2:]
+        else:
+            sys.exit(f"unknown option {args[0]}")
+    main(args or ["dense", "demo"], mode, root)
