@@ -7,6 +7,8 @@ sources into T only, misregistered stars into both at slightly different positio
 """
 
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from astropy.wcs import WCS
@@ -409,3 +411,182 @@ def test_config_from_options():
         dataclass_from_options(DiaConfig, {"thresold": 5}, "dia")
     with pytest.raises(DiaError, match="threshold"):
         dataclass_from_options(DiaConfig, {"threshold": -1}, "dia")
+
+
+# ---------------------------------------------------------------------------
+# Bright negative sources and deblending (issue 11).
+
+def _moffat_stamp(fx, fy, size=25, fwhm=4.0, beta=3.0, sub=4):
+    """Pixel-integrated Moffat (DECam-like: beta 3, FWHM 4 px) on a size x size stamp centred
+    at (size // 2 + fx, size // 2 + fy), normalised to unit sum over the stamp."""
+    alpha = fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
+    o = (np.arange(sub) + 0.5) / sub - 0.5
+    grid = np.arange(size) - size // 2
+    yy, xx = np.meshgrid(grid, grid, indexing="ij")
+    img = sum((1 + ((xx + a - fx) ** 2 + (yy + b - fy) ** 2) / alpha ** 2) ** -beta for a in o for b in o)
+    return img / img.sum()
+
+
+def _add_moffat(img, x, y, flux, size=25):
+    ix, iy = round(x), round(y)
+    h = size // 2
+    img[iy - h:iy + h + 1, ix - h:ix + h + 1] += flux * _moffat_stamp(x - ix, y - iy, size)
+
+
+def _faded_stars(n=8, remaining=2e5, fade=4e4, nje_per_e=0.5, model_error=0.02, seed=0):
+    """Variable stars that faded by ``fade`` nJy, ``remaining`` nJy left in the science image.
+
+    Moffat PSF; the science variance holds the stars' Poisson noise (``nje_per_e`` nJy per
+    electron), the difference variance adds the PSF-matching floor (``model_error`` x matched
+    template)^2 as diffim's ``model_error`` does. The significance image is then flat over
+    ~5x5 px at each star (the noise rises towards the centre as fast as the signal).
+    """
+    rng = np.random.default_rng(seed)
+    shape = (128, 64 * n)
+    xs = 32 + 64 * np.arange(n) + rng.uniform(-0.5, 0.5, n)
+    ys = 64 + rng.uniform(-0.5, 0.5, n)
+    star_s, star_t = np.zeros(shape), np.zeros(shape)
+    for x, y in zip(xs, ys):
+        _add_moffat(star_s, x, y, remaining)
+        _add_moffat(star_t, x, y, remaining + fade)
+    var_s = SIG_S ** 2 + nje_per_e * star_s
+    var_t = SIG_T ** 2 + 0.05 * nje_per_e * star_t          # a deep template
+    sci = star_s + rng.normal(0.0, 1.0, shape) * np.sqrt(var_s)
+    tmpl = star_t + rng.normal(0.0, 1.0, shape) * np.sqrt(var_t)
+    vi = VisitInfo(visit=VISIT, band="g", mjd_mid_tai=57000.25, exposure_time=90.0)
+    psf = PsfModel(components=_moffat_stamp(0.0, 0.0)[None].astype(np.float32), spatial_order=0, fwhm_pixels=4.0)
+
+    def exposure(img, var):
+        ex = Exposure.empty(shape, vi, detector=DETECTOR, unit="nJy", wcs=_tan_wcs(shape), psf=psf)
+        ex.image[:] = img
+        ex.variance[:] = var
+        return ex
+
+    diff = exposure(sci - tmpl, var_s + var_t + (model_error * tmpl) ** 2)
+    return diff, exposure(sci, var_s), exposure(tmpl, var_t), xs, ys
+
+
+def test_bright_negative_source_on_a_bright_star_is_found_and_centroided():
+    """A star 40,000 nJy fainter than in the template (S/N ~ 35) with 200,000 nJy left: the
+    significance is flat at the centre, so a peak taken there lands up to 3 px from the source
+    and its refinement on the matched-filtered image failed (centroid_flag, then dropped by
+    the filter). Peaks are now maxima of the (negated) matched-filtered image."""
+    from apsnake.dia.detect import detect_footprints
+
+    diff, sci, tmpl, xs, ys = _faded_stars()
+    df = detect_dia_sources(diff, sci, tmpl, time_processed_mjd=1.0).to_pandas()  # default drop and filter
+    assert len(df) == len(xs)
+    found, i = _match(df, xs, ys, radius=0.5)
+    assert found.all()
+    r = df.iloc[i]
+    assert not r["centroid_flag"].any() and r["isNegative"].all() and not r["isDipole"].any()
+    assert np.all(np.hypot(r["x"] - xs, r["y"] - ys) < 0.1)
+    assert np.all((r["snr"] > 25) & (r["snr"] < 50))
+    assert np.all(np.abs(r["psfFlux"] + 4e4) < 4 * r["psfFluxErr"])
+    # The same code on the negated image: the flipped difference gives the same positions.
+    sigma = 4.0 / 2.3548
+    neg = detect_footprints(diff.image, diff.variance, np.zeros(diff.shape, bool), sigma, DiaConfig())
+    pos = detect_footprints(-diff.image, diff.variance, np.zeros(diff.shape, bool), sigma, DiaConfig())
+    assert np.array_equal(neg.x, pos.x) and np.array_equal(neg.y, pos.y) and np.array_equal(neg.snr, pos.snr)
+    assert np.array_equal(neg.sign, -pos.sign) and neg.is_negative.all() and not pos.is_negative.any()
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_two_sources_in_one_footprint_are_deblended(sign):
+    """Two sources 15 px apart whose grown footprints merge: one DiaSource each, at its own
+    position and with its own flux; without deblending one of them is lost."""
+    truth = [(100.3, 60.6, 150 * FLUX_PER_SNR), (112.4, 69.5, 80 * FLUX_PER_SNR)]
+    assert np.hypot(truth[1][0] - truth[0][0], truth[1][1] - truth[0][1]) == pytest.approx(15.0, abs=0.1)
+    key = "transients" if sign > 0 else "vanished"
+    diff, sci, tmpl = make_images(shape=(128, 256), seed=12, **{key: truth})
+    merged = detect_dia_sources(diff, sci, tmpl, DiaConfig(deblend=False), time_processed_mjd=1.0).to_pandas()
+    assert len(merged) == 1  # one grown footprint
+    df = detect_dia_sources(diff, sci, tmpl, time_processed_mjd=1.0).to_pandas()
+    assert len(df) == 2
+    tx, ty, tf = (np.array(c) for c in zip(*truth))
+    found, i = _match(df, tx, ty, radius=0.5)
+    assert found.all() and len(set(i)) == 2
+    r = df.iloc[i]
+    assert np.all(np.abs(r["x"] - tx) < 4 * r["xErr"]) and np.all(np.abs(r["y"] - ty) < 4 * r["yErr"])
+    assert np.all(np.abs(r["psfFlux"] - sign * tf) < 4 * r["psfFluxErr"])
+    assert np.allclose(r["snr"], tf / FLUX_PER_SNR, rtol=0.1)
+    assert not r["centroid_flag"].any() and not r["dipoleFitAttempted"].any()
+    assert (r["isNegative"] == (sign < 0)).all()
+    assert r["parentDiaSourceId"].isna().all()  # as Rubin: children only, parent not written
+    assert np.array_equal(np.lexsort((df["x"], df["y"])), np.arange(2))  # IDs in (y, x) order
+    assert np.all(np.diff(df["diaSourceId"]) == 1)
+
+
+def test_dipole_stays_one_source_next_to_a_deblended_transient():
+    """A dipole (lobes 2 px apart) is one source with isDipole; a transient 14 px away in the
+    same grown footprint is a second source, not paired with the dipole."""
+    from apsnake.dia.detect import detect_footprints
+
+    dipole = (80.2, 64.3, 3e4, 1.6, -1.2)
+    lone = (92.5, 71.4, 60 * FLUX_PER_SNR)
+    diff, sci, tmpl = make_images(shape=(128, 192), dipoles=[dipole], transients=[lone], seed=13)
+    found = detect_footprints(diff.image, diff.variance, np.zeros(diff.shape, bool), SIGMA, DiaConfig())
+    assert found.n_footprints == 1 and found.count == 2
+    df = detect_dia_sources(diff, sci, tmpl, time_processed_mjd=1.0).to_pandas()
+    assert len(df) == 2
+    x, y, flux, dx, dy = dipole
+    hit, i = _match(df, [x + dx / 2, lone[0]], [y + dy / 2, lone[1]], radius=0.5)
+    assert hit.all()
+    d, t = df.iloc[i[0]], df.iloc[i[1]]
+    assert d["isDipole"] and d["dipoleMeanFlux"] == pytest.approx(flux, rel=0.05)
+    assert d["dipoleLength"] == pytest.approx(np.hypot(dx, dy) * SCALE, abs=0.06)
+    assert not t["isDipole"] and not t["dipoleFitAttempted"] and not t["isNegative"]
+    assert abs(t["psfFlux"] - lone[2]) < 4 * t["psfFluxErr"]
+    # A lone dipole: one source whatever the deblending.
+    diff, sci, tmpl = make_images(shape=(128, 128), dipoles=[(64.3, 63.8, 2e4, 2.0, 0.0)], seed=14)
+    df = detect_dia_sources(diff, sci, tmpl, time_processed_mjd=1.0).to_pandas()
+    assert len(df) == 1 and df["isDipole"][0]
+
+
+def test_bright_and_trailed_sources_are_not_split():
+    """No child from noise: isolated point sources of S/N 20-3000 (both signs) and trails of
+    S/N ~110 and 4-10 px are one DiaSource each (a secondary peak must rise 4 noise sigmas
+    above its saddle)."""
+    rng = np.random.default_rng(31)
+    x, y = _grid(rng, 64)
+    snr = 10 ** rng.uniform(1.3, 3.5, x.size)
+    negative = rng.integers(0, 2, x.size).astype(bool)
+    trailed = rng.uniform(0, 1, x.size) < 0.25
+    trans, vanished = [], []
+    for a, b, s, n, t in zip(x, y, snr, negative, trailed):
+        if t:  # a trail: 30 points along 4-10 px at S/N ~110
+            length, angle = rng.uniform(4, 10), rng.uniform(0, np.pi)
+            u = np.linspace(-0.5, 0.5, 30)
+            trans += [(a + v * length * np.cos(angle), b + v * length * np.sin(angle), 110 * FLUX_PER_SNR / 30 * 1.3)
+                      for v in u]
+        else:
+            (vanished if n else trans).append((a, b, s * FLUX_PER_SNR))
+    diff, sci, tmpl = make_images(transients=trans, vanished=vanished, seed=32)
+    df = detect_dia_sources(diff, sci, tmpl, KEEP_ALL, time_processed_mjd=1.0).to_pandas()
+    found, i = _match(df, x, y, radius=2.0)
+    assert found.all()
+    assert len(df) <= x.size + 1 and len(np.unique(i)) == x.size
+
+
+def test_deblend_options_are_checked():
+    with pytest.raises(DiaError, match="deblend"):
+        DiaConfig(deblend_min_separation=-1.0)
+    with pytest.raises(DiaError, match="deblend"):
+        DiaConfig(deblend_min_prominence=float("nan"))
+
+
+def test_residual_touching_saturated_pixels_is_not_split():
+    """The residual around a saturated star (a footprint touching SAT pixels) stays one source,
+    which the centre rule drops; the same two peaks away from saturated pixels are two sources."""
+    truth = [(100.3, 60.6, 150 * FLUX_PER_SNR), (112.4, 69.5, -80 * FLUX_PER_SNR)]
+    diff, sci, tmpl = make_images(shape=(128, 256), seed=12, transients=[truth[0][:3]],
+                                  vanished=[(truth[1][0], truth[1][1], -truth[1][2])])
+    free = detect_dia_sources(diff, sci, tmpl, KEEP_ALL, time_processed_mjd=1.0).to_pandas()
+    assert len(free) == 2
+    sat = diff.bits("SAT")
+    diff.mask[58:64, 98:103] |= sat  # the saturated core under the brighter peak
+    df = detect_dia_sources(diff, sci, tmpl, KEEP_ALL, time_processed_mjd=1.0).to_pandas()
+    assert len(df) == 1
+    assert len(detect_dia_sources(diff, sci, tmpl, time_processed_mjd=1.0)) == 0  # SAT centre: dropped
+    split = detect_dia_sources(diff, sci, tmpl, replace(KEEP_ALL, deblend_skip_planes=()), time_processed_mjd=1.0)
+    assert len(split) == 2

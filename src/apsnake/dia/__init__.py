@@ -4,7 +4,7 @@ Modules
 -------
 ``detect_and_measure``  ``detect_dia_sources``: the entry point, a DiaSource table per image
 ``config``              ``DiaConfig``, ``DiaError``
-``detect``              footprints of both signs, peaks, sub-pixel centroids
+``detect``              footprints of both signs, peaks, deblending, sub-pixel centroids
 ``dipole``              dipole fits of two-signed footprints
 ``measure``             PSF and aperture fluxes, pixel flags, adaptive moments, local WCS Jacobian
 

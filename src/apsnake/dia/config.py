@@ -24,6 +24,25 @@ class DiaConfig:
     grow_footprint : int
         Footprints are grown by this many pixels before positive and negative ones are
         merged [2].
+    deblend : bool
+        Split a merged footprint with several significant peaks of one sign into one source
+        per peak (Rubin ``doDeblend``, off by default there). Peaks are local maxima of the
+        sign-flipped matched-filtered image at or above ``threshold``; a peak other than the
+        lobe's highest is kept when it is at least ``deblend_min_separation`` FWHM from every
+        higher kept peak and rises ``deblend_min_prominence`` noise sigmas above the saddle
+        that joins it to higher ground. A positive and a negative peak closer than
+        ``dipole_max_separation`` + 1 PSF sigmas stay one source (a dipole candidate). Children
+        are DiaSources of their own; the parent is not written (``parentDiaSourceId`` null).
+    deblend_min_separation : float
+        Smallest distance between two peaks of one sign that are kept apart, in units of the
+        difference PSF's FWHM.
+    deblend_skip_planes : tuple of str
+        A footprint touching pixels of these mask planes is not deblended (as meas_deblender's
+        ``maskLimits``): the residual around a saturated star is one artefact, and its
+        fragments, each clear of the saturated pixels that drop the whole, are not sources.
+    deblend_min_prominence : float
+        Smallest drop of the matched-filtered image from a secondary peak to the highest
+        saddle towards a higher peak, in units of the matched filter's noise at the peak.
     min_area : int
         Smallest raw footprint kept, pixels [minPixels=1].
     aperture_radius : float
@@ -82,6 +101,10 @@ class DiaConfig:
 
     threshold: float = 5.0
     grow_footprint: int = 2
+    deblend: bool = True
+    deblend_min_separation: float = 1.0
+    deblend_min_prominence: float = 4.0
+    deblend_skip_planes: tuple = ("SAT", "SAT_TEMPLATE")
     min_area: int = 1
     aperture_radius: float = 12.0
     detection_bad_planes: tuple = ("BAD", "NO_DATA")
@@ -111,5 +134,8 @@ class DiaConfig:
             raise DiaError(f"need grow_footprint >= 0 and min_area >= 1, got {self.grow_footprint}, {self.min_area}")
         if not 0 <= self.template_flux_error < 1:
             raise DiaError(f"template_flux_error must be in [0, 1), got {self.template_flux_error}")
+        if not self.deblend_min_separation >= 0 or not self.deblend_min_prominence >= 0:
+            raise DiaError(f"deblend_min_separation and deblend_min_prominence must be >= 0, got "
+                           f"{self.deblend_min_separation}, {self.deblend_min_prominence}")
         if not self.aperture_radius > 0:
             raise DiaError(f"aperture_radius must be > 0, got {self.aperture_radius}")

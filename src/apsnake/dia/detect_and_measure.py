@@ -4,8 +4,10 @@ What ``detect_dia_sources`` does (Rubin ``ip_diffim`` detectAndMeasure, ``ap_ass
 filterDiaSourceCatalog and ``DiaSource.yaml``; docs/algorithms.md, DIA sources):
 
 1. **Detection** (``detect``): matched filter, both signs, grown and merged footprints,
-   sub-pixel peaks; ``isNegative`` = only a negative lobe.
-2. **Dipoles** (``dipole``): footprints with both lobes are fitted as dipoles.
+   peaks on the matched-filtered image, deblending of footprints with several significant
+   peaks of one sign into one source per peak (a close positive/negative pair stays one
+   dipole candidate), sub-pixel peaks; ``isNegative`` = only a negative lobe.
+2. **Dipoles** (``dipole``): sources with both lobes are fitted as dipoles.
 3. **Measurement** (``measure``): PSF flux on the difference image (Rubin PsfFlux), 12-px
    aperture flux (sep), forced PSF fluxes on the science image (``scienceFlux``) and on the
    PSF-matched template (``templateFlux``), adaptive moments of the source and of the PSF
@@ -21,7 +23,10 @@ filterDiaSourceCatalog and ``DiaSource.yaml``; docs/algorithms.md, DIA sources):
    ``schema.conform(..., 'DiaSource')``.
 
 Not computed (null): ``extendedness``, ``psfLnL``, trail columns, ``reliability``,
-``glint_trail``. ``diaObjectId``/``ssObjectId`` are filled by association.
+``glint_trail``. ``diaObjectId``/``ssObjectId`` are filled by association. Deblended children
+are DiaSources in their own right and their parent footprint is not written, so
+``parentDiaSourceId`` stays null (as in Rubin, whose detectAndMeasure keeps only the children
+and clears their ``parent``).
 """
 
 from __future__ import annotations
@@ -94,11 +99,12 @@ def detect_dia_sources(difference: Exposure, science: Exposure | None, matched_t
 
     # 1. Detection: footprints of both signs, their peaks and centroids.
     bad_det = difference.bad_pixels(cfg.detection_bad_planes)
-    found = detect_footprints(image, variance, bad_det, sigma, cfg)
+    found = detect_footprints(image, variance, bad_det, sigma, cfg,
+                              difference.mask_of(*cfg.deblend_skip_planes) if cfg.deblend_skip_planes else None)
     n, labels, slices = found.count, found.labels, found.slices
     fp_idx, fp_lab = found.pixels, found.pixel_labels
-    log.info("data ID %s: %d footprints at +/-%.1f sigma (PSF sigma %.2f px)", difference.data_id, n,
-             cfg.threshold, sigma)
+    log.info("data ID %s: %d footprints at +/-%.1f sigma (PSF sigma %.2f px), %d sources after deblending",
+             difference.data_id, found.n_footprints, cfg.threshold, sigma, n)
     x, y, centroid_flag, snr, sign = found.x, found.y, found.centroid_flag, found.snr, found.sign
     x_err, y_err = centroid_errors(psf_d, x, y, snr)
 
@@ -108,7 +114,8 @@ def detect_dia_sources(difference: Exposure, science: Exposure | None, matched_t
     bad_s = science.bad_pixels(cfg.measure_bad_planes) if science is not None else None
     bad_t = matched_template.bad_pixels(cfg.measure_bad_planes) if matched_template is not None else None
     dip = fit_dipoles(difference, science, matched_template, cfg, labels, slices, found.area,
-                      found.has_pos & found.has_neg, found.pos_xy, found.neg_xy, sigma, bad_meas_d, bad_s, bad_t)
+                      found.has_pos & found.has_neg, found.pos_xy, found.neg_xy, sigma, bad_meas_d, bad_s, bad_t,
+                      footprint_labels=found.footprint_labels, parent=found.parent)
     use_mid = dip["isDipole"]
     x = np.where(use_mid, dip["x"], x)
     y = np.where(use_mid, dip["y"], y)

@@ -61,12 +61,14 @@ def _plane_background(image, ok, outside, cols, rows):
     return coef[0] + coef[1] * xx + coef[2] * yy
 
 
-def _fit_dipole(box, fp_box, diff, sci, tmpl, psfs, pos0, neg0, sigma, cfg: DiaConfig):
+def _fit_dipole(box, fp_box, diff, sci, tmpl, psfs, pos0, neg0, sigma, cfg: DiaConfig, exclude=None):
     """Fit a positive and a negative PSF to one footprint.
 
     ``box`` = (y0, y1, x0, x1); ``diff``/``sci``/``tmpl`` = (image, variance, ok) full arrays
     or None; ``psfs`` = (difference, science, template) ``ShiftedPsf``; ``pos0``/``neg0``
-    = initial (x, y) of the lobes. Returns a dict or None when the fit fails.
+    = initial (x, y) of the lobes; ``exclude``: pixels of the box left out of the fit and of
+    the background estimate (the other children of a deblended footprint). Returns a dict or
+    None when the fit fails.
     """
     from scipy.optimize import least_squares
 
@@ -74,14 +76,17 @@ def _fit_dipole(box, fp_box, diff, sci, tmpl, psfs, pos0, neg0, sigma, cfg: DiaC
     rows = np.arange(y0, y1, dtype=float)
     cols = np.arange(x0, x1, dtype=float)
     outside = ~fp_box
+    keep = np.ones(fp_box.shape, bool) if exclude is None else ~exclude
     blocks = []  # (data, 1/sigma, ok, kind)
     d_img, d_var, d_ok = (a[y0:y1, x0:x1] for a in diff)
+    d_ok = d_ok & keep
     blocks.append((np.where(d_ok, d_img, 0.0), np.where(d_ok, 1 / np.sqrt(np.where(d_ok, d_var, 1)), 0.0), d_ok, "d"))
     w = math.sqrt(cfg.dipole_rel_weight) if cfg.dipole_rel_weight > 0 else 0.0
     for kind, ex in (("s", sci), ("t", tmpl)):
         if ex is None or w == 0:
             continue
         img, var, ok = (a[y0:y1, x0:x1] for a in ex)
+        ok = ok & keep
         img = np.where(ok, img, 0.0).astype(float)
         img = img - _plane_background(img, ok, outside, cols, rows)
         blocks.append((img, w * np.where(ok, 1 / np.sqrt(np.where(ok, var, 1)), 0.0), ok, kind))
@@ -175,8 +180,13 @@ def _fit_dipole(box, fp_box, diff, sci, tmpl, psfs, pos0, neg0, sigma, cfg: DiaC
 
 
 def fit_dipoles(difference, science, template, cfg, labels, slices, area, candidates, pos_xy, neg_xy, sigma, bad_d,
-             bad_s, bad_t):
-    """Dipole fits of the two-signed footprints; per-source arrays (NaN / False elsewhere)."""
+                bad_s, bad_t, footprint_labels=None, parent=None):
+    """Dipole fits of the two-signed sources; per-source arrays (NaN / False elsewhere).
+
+    ``labels``/``slices``/``area``: each source's pixels (source k is label k + 1). With
+    ``footprint_labels`` and ``parent`` (the merged footprint of each source), the pixels of
+    the other sources of a deblended footprint are left out of a source's fit.
+    """
     n = len(candidates)
     res = {k: np.full(n, np.nan) for k in ("fp", "fn", "xp", "yp", "xn", "yn", "fp_err", "fn_err", "mean_err",
                                            "diff_err", "x_err", "y_err", "chi2", "x", "y", "sn")}
@@ -207,13 +217,17 @@ def fit_dipoles(difference, science, template, cfg, labels, slices, area, candid
         box = (max(sy.start - margin, 0), min(sy.stop + margin, ny),
                max(sx.start - margin, 0), min(sx.stop + margin, nx))
         fp_box = labels[box[0]:box[1], box[2]:box[3]] == k + 1
+        exclude = None
+        if footprint_labels is not None and parent is not None:
+            exclude = (footprint_labels[box[0]:box[1], box[2]:box[3]] == parent[k] + 1) & ~fp_box
+            exclude = exclude if exclude.any() else None
         xc, yc = 0.5 * (pos_xy[0][k] + neg_xy[0][k]), 0.5 * (pos_xy[1][k] + neg_xy[1][k])
         psfs = (ShiftedPsf(difference.psf.evaluate(xc, yc)),
                 ShiftedPsf((science.psf if science is not None else difference.psf).evaluate(xc, yc)),
                 ShiftedPsf((template.psf if template is not None and template.psf is not None
                              else science.psf if science is not None else difference.psf).evaluate(xc, yc)))
         fit = _fit_dipole(box, fp_box, diff, sci, tmpl, psfs, (pos_xy[0][k], pos_xy[1][k]),
-                          (neg_xy[0][k], neg_xy[1][k]), sigma, cfg)
+                          (neg_xy[0][k], neg_xy[1][k]), sigma, cfg, exclude)
         if fit is None:
             continue
         for key in ("fp", "fn", "xp", "yp", "xn", "yn", "fp_err", "fn_err", "mean_err", "diff_err", "x_err",
