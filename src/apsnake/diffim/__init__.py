@@ -6,9 +6,11 @@ Modules
 ``config``        ``DiffimConfig``, ``DiffimResult``, ``DiffimError``, ``DiffimSkip``
 ``noise``         usable pixels and variance-plane rescaling (Rubin ``scaleVariance``)
 ``masks``         the difference mask from the science and template masks
-``kernel_stars``  the stars the matching kernel is fitted to
+``kernel_stars``  the stars the matching kernel is fitted to (variables and movers rejected)
+``extent``        how far the PSF halos reach: the encircled energy of both images' bright stars
 ``basis``         the Alard-Lupton basis and its widths
 ``kernel_fit``    the spatially varying kernel fit with star rejection
+``halo``          wide kernel terms that match the PSF halos, fitted to bright stars' ring profiles
 ``convolve``      whole-image convolution with the spatial kernel; decorrelation (DMTN-021)
 ``alard_lupton``  the Alard-Lupton method (Rubin ``AlardLuptonSubtractTask`` defaults)
 ``zogy``          the ZOGY method (Zackay, Ofek & Gal-Yam 2016)

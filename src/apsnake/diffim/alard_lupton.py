@@ -18,10 +18,31 @@ import numpy as np
 
 from apsnake.diffim.basis import alard_lupton_basis, basis_sigmas
 from apsnake.diffim.config import DiffimConfig, DiffimError, DiffimResult, DiffimSkip
-from apsnake.diffim.convolve import FFT_WORKERS, convolve_spatial, decorrelation, fft_shape, kernel_sq_sum_map
+from apsnake.diffim.convolve import (
+    FFT_WORKERS,
+    convolve_spatial,
+    decorrelation,
+    fft_shape,
+    kernel_sq_sum_map,
+)
+from apsnake.diffim.extent import halo_reach
+from apsnake.diffim.halo import (
+    fit_profiles,
+    halo_sigmas,
+    local_convolution,
+    ring_layout,
+    ring_sums,
+    source_core_mask,
+    wide_kernels,
+)
 from apsnake.diffim.kernel_fit import build_stamps, fit_kernel
-from apsnake.diffim.kernel_stars import detect_kernel_sources, select_kernel_stars
-from apsnake.diffim.masks import assemble_mask, mark_edge
+from apsnake.diffim.kernel_stars import (
+    detect_kernel_sources,
+    halo_stars,
+    select_kernel_stars,
+    source_columns,
+)
+from apsnake.diffim.masks import assemble_mask, kernel_footprint_radius, mark_edge
 from apsnake.diffim.noise import mean_variance
 from apsnake.numerics import cutouts, grow_bits, polynomial_frame, polynomial_terms
 from apsnake.psf import psf_widths
@@ -53,15 +74,6 @@ def subtract_alard_lupton(science, template, sources, sci_img, sci_var, sci_ok, 
         ref, ref_v, tgt, tgt_v = tpl_img, tpl_var, sci_img, sci_var
         f_ref, f_tgt = meta["variance_scale_template"], meta["variance_scale_science"]
         fwhm_ref, fwhm_tgt, unconv_psf = fwhm_t, fwhm_s, science.psf
-    sigmas, ks = basis_sigmas(fwhm_ref, fwhm_tgt, cfg)
-    kh = ks // 2
-    basis = alard_lupton_basis(sigmas, cfg.degrees, ks)
-    meta.update(kernel_size=ks, kernel_sigmas=[round(s, 4) for s in sigmas], kernel_degrees=list(cfg.degrees),
-                n_basis=len(basis))
-
-    # Kernel stars.
-    hs = max(kh, int(math.ceil(cfg.stamp_fwhm_scaling * max(fwhm_tgt, 1.0))))
-    big = hs + kh + 1
     bad_cut = science.mask_of(*cfg.bad_mask_planes)
     bad_cut |= template.mask_of(*cfg.bad_mask_planes)
     bad_cut |= ~sci_ok
@@ -69,46 +81,87 @@ def subtract_alard_lupton(science, template, sources, sci_img, sci_var, sci_ok, 
     if sources is None:
         sources = detect_kernel_sources(science, sci_img, sci_var * np.float32(meta["variance_scale_science"]), sci_ignore)
         meta["kernel_sources"] = "sep"
-    idx, ix, iy, snr, counts = select_kernel_stars(sources, shape, bad_cut, big, hs, fwhm_s, cfg)
+
+    # Basis: Rubin's Gaussians from the seeing difference; the halos are matched afterwards.
+    sigmas, ks = basis_sigmas(fwhm_ref, fwhm_tgt, cfg)
+    degrees = list(cfg.degrees)
+    kh = ks // 2
+    basis = alard_lupton_basis(sigmas, degrees, ks)
+    meta.update(kernel_size=ks, kernel_sigmas=[round(s, 4) for s in sigmas], kernel_degrees=degrees,
+                n_basis=len(basis))
+
+    # Kernel stars.
+    hs = max(kh, int(math.ceil(cfg.stamp_fwhm_scaling * max(fwhm_tgt, 1.0))))
+    big = hs + kh + 1
+    images = ((sci_img, sci_var * np.float32(meta["variance_scale_science"]), science.psf),
+              (tpl_img, tpl_var * np.float32(meta["variance_scale_template"]), template.psf))
+    idx, ix, iy, snr, counts = select_kernel_stars(sources, shape, bad_cut, big, hs, max(fwhm_s, fwhm_t), cfg,
+                                                   images)
     meta["kernel_candidates"] = counts
     if len(idx) < cfg.min_kernel_stars:
         raise DiffimSkip(
             f"only {len(idx)} usable kernel stars for detector {science.data_id} (of {counts['sources']} "
-            f"sources: {counts['snr']} with {cfg.kernel_star_snr[0]:g} <= S/N <= {cfg.kernel_star_snr[1]:g}, "
+            f"sources: {counts['snr']} with S/N in {list(cfg.kernel_star_snr)}, "
             f"{counts['unflagged']} unflagged, {counts['inside']} >= {big} px from the edge, "
-            f"{counts['isolated']} isolated, {counts['clean']} without masked pixels); "
+            f"{counts['isolated']} isolated, {counts['clean']} without masked pixels, {counts['constant']} "
+            f"with a flux ratio like the others'); "
             f"min_kernel_stars={cfg.min_kernel_stars}")
     meta["time_select_s"] = time.perf_counter() - t0
 
-    # Fit.
-    t1 = time.perf_counter()
-    st = build_stamps(ref, ref_v, tgt, tgt_v, ix, iy, sigmas, cfg.degrees, ks, hs, f_ref, f_tgt)
-    fit = fit_kernel(st, basis, shape, hs, cfg)
+    # Fit the core kernel on the stamps; then, alternately, the halo terms to bright stars' ring
+    # profiles (``halo``) and the core kernel again on the target less the halo terms.
+    # The halo terms spread every reference pixel over tens of pixels: the reference's own bad
+    # pixels (a saturated core holds a wrong flux) are left out of them, as they are masked out
+    # of the core convolution's footprint.
+    ref_bad = (science.mask_of(*cfg.bad_mask_planes) | ~sci_ok) if conv_science else \
+        (template.mask_of(*cfg.bad_mask_planes) | ~tpl_ok)
+    halo = _HaloTerms.prepare(np.where(ref_bad, np.float32(0), ref), tgt,
+                              ref_v * np.float32(f_ref) + tgt_v * np.float32(f_tgt), sources, bad_cut,
+                              sci_img, tpl_img, sigmas, kh, max(fwhm_s, fwhm_t), cfg, meta)
+    target = tgt
+    core_radius = max(cfg.stamp_fwhm_scaling * max(fwhm_tgt, 1.0), 3.0)
+    meta["time_fit_s"] = 0.0
+    for round_ in range(1 + (cfg.halo_rounds if halo else 0)):
+        t1 = time.perf_counter()
+        st = build_stamps(ref, ref_v, target, tgt_v, ix, iy, sigmas, degrees, ks, hs, f_ref, f_tgt)
+        fit = fit_kernel(st, basis, shape, hs, cfg, core_radius=core_radius)
+        kernels = np.tensordot(fit["a"].T, basis, axes=1)  # (n_k, ks, ks) spatial components
+        meta["time_fit_s"] += time.perf_counter() - t1
+        if halo and round_ < cfg.halo_rounds:
+            t_halo = time.perf_counter()
+            halo.fit(kernels, fit)
+            target = halo.subtract_from(tgt, ix, iy, hs)
+            meta["time_halo_s"] += time.perf_counter() - t_halo
+    wide = halo.kernel() if halo else None
+    if halo:
+        meta.update(halo_coeffs=[float(c) for c in halo.coeffs], halo_coeff_errors=[float(e) for e in halo.errors])
     use = fit["use"]
-    kernels = np.tensordot(fit["a"].T, basis, axes=1)  # (n_k, ks, ks) spatial components
     ksum = float(kernels[0].sum())
+    # The photometric scale: the core kernel's sum plus the halo terms'.
+    scale = ksum + (float(wide.sum()) if wide is not None else 0.0)
     corners = polynomial_terms(fit["k_order"], np.array([-1.0, 1, -1, 1]) * (nx / 2) / polynomial_frame(shape)[2],
                           np.array([-1.0, -1, 1, 1]) * (ny / 2) / polynomial_frame(shape)[2])
-    ksum_corners = corners @ kernels.sum(axis=(1, 2))
+    ksum_corners = corners @ kernels.sum(axis=(1, 2)) + (scale - ksum)
     meta.update(
         n_kernel_stars=int(use.sum()), kernel_spatial_order=fit["k_order"], background_order=fit["b_order"],
         kernel_residual_mean=float(fit["r_mean"][use].mean()), kernel_residual_std=float(fit["r_std"][use].mean()),
         kernel_residual_std_max=float(fit["r_std"][use].max()),
-        kernel_sum=ksum, kernel_sum_range=[float(ksum_corners.min()), float(ksum_corners.max())],
+        kernel_sum=scale, core_kernel_sum=ksum,
+        kernel_sum_range=[float(ksum_corners.min()), float(ksum_corners.max())],
         background_coeffs=[float(v) for v in fit["c"]], background_center=float(fit["c"][0]),
         condition_number=fit["condition"], eigenvalues_dropped=fit["dropped"], fit_iterations=fit["history"],
         kernel_stars={"x": ix.astype(float), "y": iy.astype(float), "snr": snr, "used": use,
                       "residual_mean": fit["r_mean"], "residual_std": fit["r_std"]},
     )
-    meta["time_fit_s"] = time.perf_counter() - t1
 
-    # Convolution and difference.
+    # Convolution (core kernel and halo terms) and difference.
     t2 = time.perf_counter()
-    shape_fft = fft_shape(shape, kh)
-    matched, k0_abs2 = convolve_spatial(ref, kernels, fit["k_order"], shape_fft)
+    shape_fft = fft_shape(shape, kh if wide is None else max(kh, wide.shape[0] // 2))
+    matched, k0_abs2 = convolve_spatial(ref, kernels, fit["k_order"], shape_fft,
+                                        extra=None if wide is None else (wide, halo.ref))
     ksq_map = kernel_sq_sum_map(kernels, fit["k_order"], shape)
     if conv_science:
-        inv = np.float32(1.0 / ksum)
+        inv = np.float32(1.0 / scale)
         diff = (matched - tgt) * inv
         matched_img = tgt * inv
         matched_var = tgt_v * np.float32(f_tgt * inv ** 2)
@@ -117,8 +170,13 @@ def subtract_alard_lupton(science, template, sources, sci_img, sci_var, sci_ok, 
         matched_img = matched
         matched_var = ref_v * ksq_map
         matched_var *= np.float32(f_ref)
-    mask, planes, no_data = assemble_mask(science, template, 0 if conv_science else kh,
-                                           kh if conv_science else 0, covered, meta["template_coverage"] == 1.0, kh)
+    # Masks grow, and the border is EDGE, by the radius holding nearly all of the kernel's
+    # weight (about its half-width for a core kernel).
+    grow = kernel_footprint_radius(kernels[0], cfg.mask_kernel_fraction)
+    meta["mask_growth_radius"] = grow
+    mask, planes, no_data = assemble_mask(science, template, 0 if conv_science else grow,
+                                          grow if conv_science else 0, covered, meta["template_coverage"] == 1.0,
+                                          grow)
     meta["time_convolve_s"] = time.perf_counter() - t2
 
     # Variance and decorrelation.
@@ -149,7 +207,7 @@ def subtract_alard_lupton(science, template, sources, sci_img, sci_var, sci_ok, 
         variance += tgt_v * np.float32(f_tgt)
         meta["decorrelated"] = False
     if conv_science:
-        variance *= np.float32(1.0 / ksum ** 2)
+        variance *= np.float32(1.0 / scale ** 2)
     diff = np.ascontiguousarray(diff, dtype=np.float32)
     if no_data is not None:
         diff[no_data] = 0
@@ -164,7 +222,7 @@ def subtract_alard_lupton(science, template, sources, sci_img, sci_var, sci_ok, 
                          psf=diff_psf, mask_planes=planes, metadata=dict(science.metadata))
     tmask = np.asarray(template.mask, np.int32)
     if not conv_science:
-        tmask = grow_bits(tmask, kh)
+        tmask = grow_bits(tmask, grow)
     matched_exp = replace(template, image=np.asarray(matched_img, np.float32), mask=tmask,
                           variance=np.asarray(matched_var, np.float32),
                           psf=template.psf if conv_science else science.psf,
@@ -172,7 +230,7 @@ def subtract_alard_lupton(science, template, sources, sci_img, sci_var, sci_ok, 
     if meta["template_coverage"] < 1.0:
         matched_exp.image[~covered] = 0
     if not conv_science:  # tmask is our grown copy: mark the border where the convolution is partial
-        mark_edge(matched_exp.mask, kh, np.int32(matched_exp.mask_bit("EDGE")))
+        mark_edge(matched_exp.mask, grow, np.int32(matched_exp.mask_bit("EDGE")))
     return DiffimResult(difference=difference, matched_template=matched_exp, metadata=meta)
 
 
@@ -198,3 +256,96 @@ def footprint_ratio(diff, sci_img, diff_var, xs, ys, fwhm):
     if ratio.size == 0:
         return float("nan"), float("nan")
     return float(ratio.mean()), float(ratio.std())
+
+
+class _HaloTerms:
+    """The wide terms that match the PSF halos (``halo``): their kernels, the bright stars whose
+    ring profiles fit them (cutouts around each), and the fitted coefficients. Everything is
+    computed on the stars' cutouts; the whole image is convolved once, at the end, with the core
+    kernel and the combined wide terms."""
+
+    def __init__(self, ref=None, tgt=None, kernels=(), stars=None):
+        self.ref, self.tgt = ref, tgt
+        self.kernels = list(kernels)
+        self.stars = stars
+        self.coeffs = np.zeros(len(self.kernels))
+        self.errors = np.full(len(self.kernels), np.inf)
+
+    def __bool__(self) -> bool:
+        return bool(self.kernels)
+
+    @classmethod
+    def prepare(cls, ref, tgt, variance, sources, bad, sci_img, tpl_img, sigmas, core_half: int, fwhm: float,
+                cfg: DiffimConfig, meta: dict) -> _HaloTerms:
+        """Reach of the halos (``extent``), the wide kernels, and the rings (from the core
+        kernel's half-width to the reach) around bright stars on which they are fitted, with the
+        terms' ring sums there. No terms when ``halo_encircled_energy`` is None or none fits the
+        reach."""
+        if cfg.halo_encircled_energy is None:
+            return cls()
+        t0 = time.perf_counter()
+        r_max = int(cfg.halo_growth_radius)
+        hx, hy, hsnr = halo_stars(sources, ref.shape, r_max)
+        r_sci, r_tpl, n_halo = halo_reach(sci_img, tpl_img, bad, hx, hy, hsnr, cfg.halo_encircled_energy, r_max)
+        # At least as far as DECam halos typically reach (several core widths): with few bright
+        # stars the wing is poorly measured, and a term the halos do not need is fitted to ~0.
+        reach = cfg.halo_min_reach_fwhm * fwhm
+        if n_halo >= cfg.halo_min_stars and np.isfinite(max(r_sci, r_tpl)):
+            reach = max(reach, r_sci, r_tpl)
+        reach = min(reach, float(cfg.halo_radius_max))
+        wide = halo_sigmas(sigmas[-1], reach, cfg.halo_max_terms)
+        meta.update(halo_stars=n_halo, encircled_energy_radius_science=r_sci, time_halo_s=0.0,
+                    encircled_energy_radius_template=r_tpl, halo_reach=reach, halo_sigmas=[round(s, 3) for s in wide])
+        if not wide:
+            return cls()
+        x, y, flux, snr, flagged = source_columns(sources)
+        located = np.isfinite(x) & np.isfinite(y)
+        bright = np.flatnonzero(located & np.isfinite(snr) & (snr >= cfg.halo_fit_min_snr) & ~flagged
+                                & np.isfinite(flux) & (flux > 0))
+        bright = bright[np.argsort(-snr[bright])][:cfg.halo_fit_max_stars]
+        # Rings from just beyond the core kernel to the reach; masked pixels and the cores of
+        # other sources (which the wide terms must not try to fit) are left out.
+        edges = np.geomspace(core_half + 0.5, reach, cfg.halo_rings + 1)
+        _, half = ring_layout(edges)
+        ix, iy = np.round(x[bright]).astype(np.int64), np.round(y[bright]).astype(np.int64)
+        exclude = bad | source_core_mask(ref.shape, x[located], y[located], core_half)
+        excluded, inside = cutouts(exclude, ix, iy, half, fill=True)
+        good = inside & ~excluded
+        kernels = wide_kernels(wide, core_half, reach)
+        stars = dict(ix=ix, iy=iy, x=x[bright], y=y[bright], flux=flux[bright], edges=edges, half=half, good=good,
+                     target=cutouts(tgt, ix, iy, half)[0].astype(float),
+                     terms=[ring_sums(t, good, edges) for t in local_convolution(ref, ix, iy, half, kernels)],
+                     noise=np.sqrt(np.clip(ring_sums(cutouts(variance, ix, iy, half)[0], good, edges), 0, None)))
+        meta["halo_fit_stars"] = int(bright.size)
+        meta["time_halo_s"] = time.perf_counter() - t0
+        return cls(ref, tgt, kernels, stars)
+
+    def fit(self, core_kernels: np.ndarray, core_fit: dict) -> None:
+        """Fit the coefficients to the stars' ring profiles of the target less the reference
+        matched with the core kernel (``core_kernels``, the spatial components of
+        ``core_fit``) and less the core fit's differential background."""
+        st = self.stars
+        x0, y0, scale = polynomial_frame(self.ref.shape)
+        u, v = (st["ix"] - x0) / scale, (st["iy"] - y0) / scale
+        local = np.tensordot(polynomial_terms(core_fit["k_order"], u, v), core_kernels, axes=1)
+        background = polynomial_terms(core_fit["b_order"], u, v) @ core_fit["c"]
+        residual = st["target"] - local_convolution(self.ref, st["ix"], st["iy"], st["half"], [local])[0]
+        residual -= background[:, None, None]
+        rings = ring_sums(residual, st["good"], st["edges"])
+        self.coeffs, self.errors = fit_profiles(rings, st["terms"], st["noise"], st["flux"])
+
+    def kernel(self) -> np.ndarray:
+        """``sum_j c_j W_j``: the combined wide kernel."""
+        return sum(np.float32(c) * k.astype(np.float32) for c, k in zip(self.coeffs, self.kernels))
+
+    def subtract_from(self, image: np.ndarray, ix, iy, half: int) -> np.ndarray:
+        """A copy of ``image`` less the wide terms' contribution on the squares of half-width
+        ``half`` around (ix, iy) (the kernel stars' stamps: all the core fit reads)."""
+        out = image.copy()
+        contribution = local_convolution(self.ref, ix, iy, half, [self.kernel()])[0]
+        ny, nx = image.shape
+        for i, (xc, yc) in enumerate(zip(np.asarray(ix, int), np.asarray(iy, int))):
+            y0, x0 = yc - half, xc - half
+            ys, xs = slice(max(y0, 0), min(yc + half + 1, ny)), slice(max(x0, 0), min(xc + half + 1, nx))
+            out[ys, xs] = image[ys, xs] - contribution[i, ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
+        return out

@@ -4,7 +4,8 @@ For each Gaussian ``sigma_g`` and degree ``d_g``: ``G_g(x) G_g(y) (x/h)^i (y/h)^
 ``i + j <= d_g`` on a ``(2h + 1)``-px square (27 functions for degrees 4/2/2). The first is
 normalised to unit sum, every other one made zero-sum (minus its sum times the first) and of
 unit L2 norm (Rubin ``renormalizeKernelList``), so the kernel sum is the first coefficient.
-Widths scale with the seeing (Rubin ``scaleByFwhm``).
+Widths scale with the seeing (Rubin ``scaleByFwhm``). The PSF halos, beyond this core basis,
+are matched afterwards (``halo``).
 """
 
 from __future__ import annotations

@@ -52,7 +52,58 @@ class DiffimConfig:
     min_kernel_stars, max_kernel_stars : int
         ``DiffimSkip`` with fewer usable kernel stars; at most this many are used.
     kernel_star_snr : tuple of float
-        Range of S/N of kernel stars (Rubin 10-500).
+        Range of S/N of kernel stars (Rubin 10-500); an upper limit of None keeps the brightest
+        (unsaturated: SAT pixels exclude a star), which constrain the PSF wings best.
+    ratio_clip_sigma, ratio_floor : float
+        Candidates whose science/template PSF-flux ratio deviates from the candidates' median by
+        more than ``ratio_clip_sigma`` (in units of its noise and ``ratio_floor`` of the ratio,
+        scaled by the deviations' robust scatter) are rejected: a variable star or a transient
+        must not define the kernel.
+    residual_sigma, residual_flux_floor, residual_shift_floor : float
+        A kernel star is also rejected when its residual after the fit is, as a flux, more than
+        ``residual_sigma`` times its noise and more than ``residual_flux_floor`` of the star's
+        flux, or, as a shift of the star, more than ``residual_sigma`` times its noise and
+        more than ``residual_shift_floor`` pixels: a star that varied or moved (proper
+        motion) must not define the kernel.
+    mask_kernel_fraction : float
+        Mask planes of the convolved image grow, and the image border becomes EDGE, by the
+        half-width of the square that holds this fraction of the kernel's absolute weight (the
+        whole kernel for 1).
+    rejection_accuracy : float
+        Fraction of the model added in quadrature to the pixel noise of the residuals that
+        reject kernel stars (as PSFEx's PSF_ACCURACY): the brightest stars, which constrain the
+        wings best, are not rejected for a per-cent mismatch of their cores. (In the fit's
+        weights it would loosen the match of bright cores and was measured to add false
+        detections near g 16-20 stars, so the weights keep the pixel noise only.)
+    halo_encircled_energy : float or None
+        The PSF halos are matched (``halo``) out to the radius inside which both images'
+        bright stars hold this fraction of their flux (``extent``; at least
+        ``halo_min_reach_fwhm`` FWHM, at most ``halo_radius_max``). None: the core kernel only
+        (Rubin).
+    halo_growth_radius : int
+        Outer radius of the stars' measured growth curves, pixels (beyond it the fitted
+        beta = 2 wing extrapolates).
+    halo_radius_max : int
+        Largest reach of the halo terms, pixels.
+    halo_max_terms : int
+        At most this many wide terms (widths doubling from twice the widest core Gaussian).
+    halo_fit_min_snr : float
+        The halo terms are fitted around sources at least this bright (S/N): a few-per-cent
+        halo 40 px out is measurable only around bright stars (fainter ones add noise and, on
+        our simulated nights, whose stamps are cut below 0.3 e-/pixel, a bias towards no halo).
+    halo_fit_max_stars : int
+        At most this many of them (the brightest).
+    halo_rings : int
+        Rings (logarithmically spaced from the core kernel's half-width to the reach) of the
+        stars' profiles the terms are fitted to.
+    halo_rounds : int
+        Rounds of fitting the halo terms and refitting the core kernel to the target less
+        their contribution (the two overlap a little between the core and the halo).
+    halo_min_stars : int
+        With fewer usable bright stars the measured radius is not used.
+    halo_min_reach_fwhm : float
+        The halo terms reach at least this many times the wider FWHM (where DECam halos still
+        hold flux), whatever the measurement says.
     stamp_fwhm_scaling : float
         Fit stamp half-width = max(kernel half-width, ceil(this * FWHM of the target image)).
     n_iter : int
@@ -101,7 +152,24 @@ class DiffimConfig:
     stars_per_box: int = 5
     min_kernel_stars: int = 3
     max_kernel_stars: int = 1000
-    kernel_star_snr: tuple = (10.0, 500.0)
+    kernel_star_snr: tuple = (10.0, None)
+    ratio_clip_sigma: float = 4.0
+    ratio_floor: float = 0.01
+    residual_sigma: float = 5.0
+    residual_flux_floor: float = 0.02
+    residual_shift_floor: float = 0.05
+    mask_kernel_fraction: float = 0.99
+    rejection_accuracy: float = 0.01
+    halo_encircled_energy: float | None = 0.999
+    halo_growth_radius: int = 40
+    halo_radius_max: int = 40
+    halo_max_terms: int = 4
+    halo_fit_min_snr: float = 200.0
+    halo_fit_max_stars: int = 300
+    halo_rings: int = 12
+    halo_rounds: int = 2
+    halo_min_stars: int = 3
+    halo_min_reach_fwhm: float = 10.0
     stamp_fwhm_scaling: float = 2.5
     n_iter: int = 3
     max_residual_mean: float = 0.25

@@ -25,11 +25,27 @@ def fft_shape(shape, pad: int):
 
 
 def _kernel_spectra(kernels: np.ndarray, shape_fft) -> np.ndarray:
-    """rfft2 of small centred kernels zero-padded to ``shape_fft``, as DFT matrix products
-    (``E_y K E_x``: cheaper than FFTs of mostly-zero full-size arrays). (n, Py, Px//2+1) complex64."""
+    """rfft2 of small centred kernels zero-padded to ``shape_fft``: (n, Py, Px//2+1) complex64.
+
+    Small kernels as DFT matrix products (``E_y K E_x``: cheaper than FFTs of mostly-zero
+    full-size arrays); from ~31 px on (halo-sized kernels) the matrix products cost more than
+    FFTs: a real FFT along x of the kernel's ``ks`` rows only, then an FFT along y.
+    """
+    from scipy.fft import fft, rfft
+
     n, ks, _ = kernels.shape
     h = ks // 2
     py, px = shape_fft
+    if ks >= 31:
+        out = np.zeros((n, py, px // 2 + 1), np.complex64)
+        rows = (np.arange(ks) - h) % py
+        cols = (np.arange(ks) - h) % px
+        for i, k in enumerate(kernels):
+            line = np.zeros((ks, px), np.float32)
+            line[:, cols] = k
+            out[i, rows] = rfft(line, axis=1, workers=FFT_WORKERS)
+            out[i] = fft(out[i], axis=0, workers=FFT_WORKERS)
+        return out
     lag = np.arange(-h, h + 1)
     ey = np.exp(-2j * np.pi * np.outer(np.arange(py), lag) / py).astype(np.complex64)
     ex = np.exp(-2j * np.pi * np.outer(lag, np.arange(px // 2 + 1)) / px).astype(np.complex64)
@@ -39,9 +55,12 @@ def _kernel_spectra(kernels: np.ndarray, shape_fft) -> np.ndarray:
     return out
 
 
-def convolve_spatial(image, kernels, order, shape_fft):
-    """``sum_s P_s(x, y) (K_s * image)`` for the spatial polynomial terms ``P_s``; also returns
-    ``|K_0^|^2``, the squared modulus of the FFT of the central kernel on the padded grid."""
+def convolve_spatial(image, kernels, order, shape_fft, extra=None):
+    """``sum_s P_s(x, y) (K_s * image)`` for the spatial polynomial terms ``P_s``, plus
+    ``W * other`` for an optional ``extra = (W, other)``: a spatially constant kernel of any odd
+    size (the halo terms; ``shape_fft`` must pad the image by its half-width) and the image it
+    applies to; also returns ``|K_0^|^2``, the squared modulus of the FFT of the central kernel
+    (without ``W``) on the padded grid."""
     from scipy.fft import irfft2, rfft2
 
     ny, nx = image.shape
@@ -52,9 +71,15 @@ def convolve_spatial(image, kernels, order, shape_fft):
     spectra = _kernel_spectra(kernels, shape_fft)
     k0_abs2 = spectra[0].real ** 2
     k0_abs2 += spectra[0].imag ** 2
+    extra_hat = None
+    if extra is not None:
+        extra_hat = _kernel_spectra(np.asarray(extra[0], np.float32)[None], shape_fft)[0]
+        extra_hat *= rfft2(extra[1], s=shape_fft, workers=FFT_WORKERS)
     out = None
     for s, (pu, pv) in enumerate(term_powers(order)):
         spectra[s] *= img_hat
+        if s == 0 and extra_hat is not None:
+            spectra[s] += extra_hat
         conv = irfft2(spectra[s], s=shape_fft, workers=FFT_WORKERS)[:ny, :nx]
         if s == 0:
             out = np.array(conv, copy=True)

@@ -12,6 +12,7 @@ have a mean above ``max_residual_mean`` or a standard deviation above ``max_resi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,13 @@ import numpy as np
 from apsnake.diffim.basis import raw_basis_factors
 from apsnake.diffim.config import DiffimConfig
 from apsnake.diffim.convolve import FFT_WORKERS
-from apsnake.numerics import cutouts, n_terms, pad_centered, polynomial_frame, polynomial_terms
+from apsnake.numerics import (
+    cutouts,
+    n_terms,
+    pad_centered,
+    polynomial_frame,
+    polynomial_terms,
+)
 
 
 @dataclass
@@ -35,7 +42,7 @@ class KernelStamps:
 
 
 def build_stamps(ref_img, ref_var, tgt_img, tgt_var, ix, iy, sigmas, degrees, ks, hs, ref_scale=1.0,
-                  tgt_scale=1.0, chunk=64) -> KernelStamps:
+                 tgt_scale=1.0, chunk=64) -> KernelStamps:
     """Cutouts, their FFTs and the per-star normal equations of the basis fit.
 
     The raw basis is separable, ``raw_j = fy_j(y) fx_j(x)``, so ``raw_j * ref`` is an inverse FFT
@@ -93,7 +100,7 @@ def build_stamps(ref_img, ref_var, tgt_img, tgt_var, ix, iy, sigmas, degrees, ks
         M[sl] = Taug @ (Xw @ X.transpose(0, 2, 1)) @ Taug.T
         b[sl] = (Xw @ tgt[sl].reshape(m, P, 1))[:, :, 0] @ Taug.T
     return KernelStamps(ref_hat=ref_hat, var_hat=var_hat, tgt=tgt, tgt_var=tvar, M=M, b=b,
-                   p_xy=np.column_stack([ix, iy]).astype(float), fft_size=L)
+                        p_xy=np.column_stack([ix, iy]).astype(float), fft_size=L)
 
 
 def _solve(M, b, p, q, nb, max_condition):
@@ -120,8 +127,10 @@ def _solve(M, b, p, q, nb, max_condition):
     return theta[: nb * nk].reshape(nb, nk), theta[nb * nk:], condition, int((~keep).sum())
 
 
-def _star_residuals(st: KernelStamps, basis, k_loc, bg_loc, hs):
-    """Normalised residuals (N, S, S) of the local kernels on the stamps."""
+def _star_residuals(st: KernelStamps, basis, k_loc, bg_loc, hs, accuracy: float = 0.0):
+    """Residuals of the local kernels on the stamps: (normalised residuals, matched star model
+    without background, residuals, noise sigma), each (N, S, S); ``accuracy`` times the model is
+    added in quadrature to the noise."""
     from scipy.fft import irfft2, rfft2
 
     kh = basis.shape[-1] // 2
@@ -132,13 +141,32 @@ def _star_residuals(st: KernelStamps, basis, k_loc, bg_loc, hs):
     sq_hat = rfft2(pad_centered((kern ** 2).astype(np.float32), (L, L)), workers=FFT_WORKERS)
     model = irfft2(st.ref_hat * kern_hat, s=(L, L), workers=FFT_WORKERS)[:, kh:kh + S, kh:kh + S]
     vconv = irfft2(st.var_hat * sq_hat, s=(L, L), workers=FFT_WORKERS)[:, kh:kh + S, kh:kh + S]
-    model = model + bg_loc[:, None, None]
-    sigma = np.sqrt(np.clip(st.tgt_var + vconv, 1e-30, None))
-    return (st.tgt - model) / sigma
+    sigma = np.sqrt(np.clip(st.tgt_var + vconv + (accuracy * model) ** 2, 1e-30, None))
+    resid = st.tgt - model - bg_loc[:, None, None]
+    return resid / sigma, model, resid, sigma
 
 
-def fit_kernel(st: KernelStamps, basis, shape, hs, cfg: DiffimConfig):
-    """Spatial kernel fit with iterative rejection of stars with outlying residuals."""
+def _flux_and_shift(model, resid, sigma, core):
+    """Per star, within ``core``: the residual as a fraction of the star's flux and as a shift
+    (pixels along x and y), with their 1-sigma errors: the linear fits ``resid = f * model``
+    and ``resid = -d * grad(model)``, i.e. what a brightening or a move would leave."""
+    gy, gx = np.gradient(model, axis=(1, 2))
+    var = sigma ** 2
+    out = []
+    for profile, scale in ((model, 1.0), (gx, -1.0), (gy, -1.0)):
+        p = np.where(core, profile, 0.0)
+        pp = np.maximum((p * p).sum(axis=(1, 2)), 1e-30)
+        out.append((scale * (p * resid).sum(axis=(1, 2)) / pp, np.sqrt((p * p * var).sum(axis=(1, 2))) / pp))
+    return out
+
+
+def fit_kernel(st: KernelStamps, basis, shape, hs, cfg: DiffimConfig, core_radius: float | None = None):
+    """Spatial kernel fit with iterative rejection of stars with outlying residuals.
+
+    The residual statistics that reject a star are taken within ``core_radius`` px of it (the
+    whole stamp if None): a halo-sized stamp would otherwise dilute the residual of a star that
+    moved or varied over thousands of sky pixels.
+    """
     nb = basis.shape[0]
     n = len(st.M)
     x0, y0, scale = polynomial_frame(shape)
@@ -147,6 +175,9 @@ def fit_kernel(st: KernelStamps, basis, shape, hs, cfg: DiffimConfig):
     k_order, b_order = cfg.spatial_order, cfg.background_order
     use = np.ones(n, bool)
     history = []
+    g = np.arange(-hs, hs + 1)
+    core = np.ones((2 * hs + 1, 2 * hs + 1), bool) if core_radius is None else \
+        (g[:, None] ** 2 + g[None, :] ** 2) <= core_radius ** 2
     for iteration in range(cfg.n_iter + 1):
         n_use = int(use.sum())
         k_order = cfg.spatial_order
@@ -160,21 +191,32 @@ def fit_kernel(st: KernelStamps, basis, shape, hs, cfg: DiffimConfig):
         a, c, condition, dropped = _solve(st.M[use], st.b[use], p[use], q[use], nb, cfg.max_condition)
         k_loc = p @ a.T
         bg_loc = q @ c
-        z = _star_residuals(st, basis, k_loc, bg_loc, hs)
-        r_mean = z.mean(axis=(1, 2))
-        r_std = z.std(axis=(1, 2))
+        z, model, resid, sigma = _star_residuals(st, basis, k_loc, bg_loc, hs, cfg.rejection_accuracy)
+        r_mean = z[:, core].mean(axis=1)
+        r_std = z[:, core].std(axis=1)
+        (flux, flux_err), (dx, dx_err), (dy, dy_err) = _flux_and_shift(model, resid, sigma, core)
         history.append(n_use)
         if iteration == cfg.n_iter:
             break
-        bad = use & ((np.abs(r_mean) > cfg.max_residual_mean) | (r_std > cfg.max_residual_std))
-        spare = n_use - cfg.min_kernel_stars
-        if bad.sum() > spare:  # keep min_kernel_stars: reject only the worst ones
+        # Rubin's tests on the normalised residuals, and ours on what a star that varied or moved
+        # leaves: a flux or a position residual significant beyond its noise and a floor.
+        flux_excess = np.abs(flux) / np.maximum(cfg.residual_sigma * flux_err, cfg.residual_flux_floor)
+        shift_excess = np.hypot(dx, dy) / np.maximum(cfg.residual_sigma * np.hypot(dx_err, dy_err),
+                                                     cfg.residual_shift_floor)
+        badness = np.maximum.reduce([np.abs(r_mean) / cfg.max_residual_mean, r_std / cfg.max_residual_std,
+                                     flux_excess, shift_excess])
+        bad = use & (badness > 1)
+        # Keep min_kernel_stars, and reject at most a tenth of the stars (at least one) per
+        # iteration, the worst ones: in a fit of few stars one that varied or moved distorts the
+        # kernel so that the others look bad too (on the real DECam stamps, 3 of 6 went with it).
+        limit = min(n_use - cfg.min_kernel_stars, max(1, math.ceil(0.1 * n_use)))
+        if bad.sum() > limit:
             worst = np.flatnonzero(bad)
-            badness = np.maximum(np.abs(r_mean[worst]) / cfg.max_residual_mean, r_std[worst] / cfg.max_residual_std)
             bad[:] = False
-            bad[worst[np.argsort(-badness)[:max(spare, 0)]]] = True
+            bad[worst[np.argsort(-badness[worst])[:max(limit, 0)]]] = True
         if not bad.any():
             break
         use &= ~bad
     return dict(a=a, c=c, k_order=k_order, b_order=b_order, use=use, r_mean=r_mean, r_std=r_std,
-                condition=condition, dropped=dropped, history=history)
+                flux_residual=flux, shift_residual=np.hypot(dx, dy), condition=condition, dropped=dropped,
+                history=history)

@@ -15,7 +15,7 @@ import numpy as np
 
 from apsnake.diffim.config import DiffimConfig, DiffimError
 from apsnake.exposure import Exposure
-from apsnake.numerics import cutouts
+from apsnake.numerics import cutouts, mad_sigma, weighted_median
 from apsnake.psf import psf_flux
 
 _BAD_FLAG_PREFIXES = ("bad", "edge", "saturated", "nodata", "offimage", "interpolatedcenter",
@@ -66,8 +66,44 @@ def detect_kernel_sources(science: Exposure, image, variance, ignore):
     return {"x": x, "y": y, "psfFlux": flux, "psfFluxErr": flux_err, "snr": flux / flux_err}
 
 
-def select_kernel_stars(sources, shape, bad_cut, big: int, hs: int, fwhm: float, cfg: DiffimConfig):
-    """Indices (into the source table) and integer positions of kernel stars; counts per stage."""
+def flux_ratio_outliers(science: tuple, template: tuple, x, y, n_sigma: float, floor: float) -> np.ndarray:
+    """Stars whose science / template flux ratio is an outlier among the candidates: variables.
+
+    ``science`` and ``template`` are (image, variance, PsfModel); fluxes are PSF fits with each
+    image's own model (their normalisations differ alike for every star). Each star's
+    deviation from the inverse-variance weighted median ratio is divided by its noise and a ``floor`` (fraction of the
+    ratio: colour terms, PSF variation); the deviations' own robust scatter (at least 1) sets
+    the scale, so an outlier is judged against the candidates themselves. Returns True for
+    outliers (none with fewer than 3 stars).
+    """
+    n = len(x)
+    if n < 3:
+        return np.zeros(n, bool)
+    s, es, _, _ = psf_flux(*science, x, y)
+    t, et, _, _ = psf_flux(*template, x, y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = s / t
+        error = np.abs(ratio) * np.hypot(es / s, et / t)
+    usable = np.isfinite(ratio) & np.isfinite(error) & (t > 0)
+    if usable.sum() < 3:
+        return ~usable
+    # The most precise stars set the centre: with a handful of candidates a plain median can
+    # land on a noisy one, or on the variable itself.
+    noise = np.hypot(error, floor * np.abs(ratio))
+    centre = weighted_median(ratio[usable], 1.0 / noise[usable] ** 2)
+    z = (ratio - centre) / np.hypot(error, floor * abs(centre))
+    scale = max(1.0, mad_sigma(z[usable]))
+    return ~usable | (np.abs(z) > n_sigma * scale)
+
+
+def select_kernel_stars(sources, shape, bad_cut, big: int, hs: int, fwhm: float, cfg: DiffimConfig,
+                        images=None):
+    """Indices (into the source table) and integer positions of kernel stars; counts per stage.
+
+    ``images`` = ((science, variance, PsfModel), (template, variance, PsfModel)): candidates
+    whose flux ratio is an outlier (``flux_ratio_outliers``) are rejected before the best per
+    box are chosen, so a variable is replaced by the next star of its box.
+    """
     from scipy.spatial import cKDTree
 
     x, y, flux, snr, flagged = source_columns(sources)
@@ -76,7 +112,7 @@ def select_kernel_stars(sources, shape, bad_cut, big: int, hs: int, fwhm: float,
     ny, nx = shape
     counts = {"sources": len(x)}
     lo, hi = cfg.kernel_star_snr
-    ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(snr) & (snr >= lo) & (snr <= hi)
+    ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(snr) & (snr >= lo) & (snr <= (np.inf if hi is None else hi))
     counts["snr"] = int(ok.sum())
     ok &= ~flagged
     counts["unflagged"] = int(ok.sum())
@@ -105,6 +141,10 @@ def select_kernel_stars(sources, shape, bad_cut, big: int, hs: int, fwhm: float,
         dirty = cutouts(bad_cut, ix[cand], iy[cand], big)[0].any(axis=(1, 2))
         cand = cand[~dirty]
     counts["clean"] = len(cand)
+    if images is not None and len(cand):
+        varying = flux_ratio_outliers(*images, x[cand], y[cand], cfg.ratio_clip_sigma, cfg.ratio_floor)
+        cand = cand[~varying]
+    counts["constant"] = len(cand)
     # at most stars_per_box per box, the highest S/N first
     if len(cand):
         box = (iy[cand] // cfg.star_box_size) * (nx // cfg.star_box_size + 1) + ix[cand] // cfg.star_box_size
@@ -117,3 +157,31 @@ def select_kernel_stars(sources, shape, bad_cut, big: int, hs: int, fwhm: float,
             cand = cand[np.argsort(-snr[cand], kind="stable")[: cfg.max_kernel_stars]]
     counts["selected"] = len(cand)
     return cand, ix[cand], iy[cand], snr[cand], counts
+
+
+def halo_stars(sources, shape, radius: int, min_snr: float = 50.0, neighbour_ratio: float = 0.05):
+    """Bright, unflagged sources without a neighbour brighter than ``neighbour_ratio`` of their
+    flux within ``radius`` px (their growth curves out to that radius measure the PSF halo):
+    (x, y, snr) arrays, at least ``radius + 6`` px from the edge. A fainter neighbour can only
+    make the wings look wider, which errs on the safe side (a larger kernel)."""
+    from scipy.spatial import cKDTree
+
+    x, y, flux, snr, flagged = source_columns(sources)
+    if not np.isfinite(flux).any():
+        flux = snr
+    ny, nx = shape
+    edge = radius + 7
+    ok = (np.isfinite(x) & np.isfinite(y) & np.isfinite(snr) & (snr >= min_snr) & ~flagged
+          & (x >= edge) & (x < nx - edge) & (y >= edge) & (y < ny - edge))
+    located = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
+    if ok.any() and len(located) > 1:
+        tree = cKDTree(np.column_stack([x[located], y[located]]))
+        pairs = tree.query_pairs(radius, output_type="ndarray")
+        if len(pairs):
+            i, j = located[pairs[:, 0]], located[pairs[:, 1]]
+            fl = np.where(np.isfinite(flux), np.abs(flux), np.inf)
+            crowded = np.zeros(len(x), bool)
+            crowded[i[fl[j] > neighbour_ratio * fl[i]]] = True
+            crowded[j[fl[i] > neighbour_ratio * fl[j]]] = True
+            ok &= ~crowded
+    return x[ok], y[ok], snr[ok]

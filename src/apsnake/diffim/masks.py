@@ -44,6 +44,20 @@ def _map_template_mask(template: Exposure, planes: dict) -> np.ndarray | None:
     return mapped
 
 
+def kernel_footprint_radius(kernel: np.ndarray, fraction: float) -> int:
+    """Half-width (px) of the smallest centred square holding ``fraction`` of the kernel's
+    absolute weight: how far a masked pixel's influence reaches through the convolution."""
+    weight = np.abs(np.asarray(kernel, float))
+    h = kernel.shape[-1] // 2
+    total = weight.sum()
+    if not total > 0:
+        return h
+    for r in range(h + 1):
+        if weight[h - r:h + r + 1, h - r:h + r + 1].sum() >= fraction * total:
+            return r
+    return h
+
+
 def mark_edge(mask: np.ndarray, width: int, bit) -> None:
     """OR ``bit`` into the ``width``-pixel border of ``mask`` (in place)."""
     if width <= 0:

@@ -1,0 +1,180 @@
+"""Matching the PSF halos: wide, zero-sum kernel terms fitted around bright stars.
+
+A DECam PSF is a Moffat core plus a halo: a beta ~ 2 profile several core widths wide holding
+2-5 % of the flux, its share changing from visit to visit. Where science and template halos
+differ, a kernel fitted to the cores leaves rings of residual flux around every bright star,
+out to several arcsec for g ~ 16-20 stars and to tens of arcsec for the brightest. The core
+kernel is fitted on stamps of a few FWHM (Rubin's); widening those stamps to the halo's reach
+was measured to loosen the match of the cores (the many wing pixels outweigh them), so the
+halo is matched in a second step:
+
+* wide terms ``W_j = G(sigma_j) - G(sigma_0)``: a unit Gaussian of width ``sigma_j`` minus the
+  basis' narrowest unit Gaussian, zero-sum so the kernel sum (the photometric scale) is the
+  core's; ``sigma_j`` double from twice the widest core Gaussian while ``2 sigma_j`` stays
+  within the halo's reach (``extent``: the radius holding ``1 - 1/1000`` of the flux);
+* their convolutions with the reference image, ``W_j * R``, computed by FFT on the whole image;
+* the coefficients ``c_j`` fitted by weighted linear least squares to the core-matched
+  residual ``G - K_core * R`` on pixels between the core kernel's half-width and the reach
+  around bright stars, where the halo shows and the cores do not (pixels within the core
+  radius of any source, and masked pixels, are left out);
+* the matched image becomes ``K_core * R + sum_j c_j (W_j * R)``.
+
+The wide terms are spatially constant (a halo's share changes by ~15 % across the whole focal
+plane, little within one CCD). They are not part of the decorrelation filter, which is
+computed from the core kernel (they change the noise spectrum by a few per cent at the
+lowest frequencies only). docs/algorithms.md §4.4.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from apsnake.diffim.convolve import FFT_WORKERS
+from apsnake.numerics import cutouts
+
+
+def halo_sigmas(widest_core_sigma: float, reach: float, max_terms: int = 4) -> list[float]:
+    """Widths (px) of the wide terms: doubling from twice ``widest_core_sigma`` while twice the
+    width stays within ``reach`` (px), at most ``max_terms``."""
+    sigmas = []
+    sigma = 2.0 * widest_core_sigma
+    while 2.0 * sigma <= reach and len(sigmas) < max_terms:
+        sigmas.append(sigma)
+        sigma *= 2.0
+    return sigmas
+
+
+def wide_kernels(sigmas, core_half: int, reach: float) -> list[np.ndarray]:
+    """The wide terms as kernels on a ``2 ceil(reach) + 1`` square: unit-sum Gaussians of
+    ``sigmas`` px with the core kernel's square (``|u|, |v| <= core_half``) set to zero, so that
+    core and wide terms share no pixel of the kernel; their sums are the flux they carry."""
+    half = int(math.ceil(reach))
+    g = np.arange(-half, half + 1, dtype=float)
+    r2 = g[:, None] ** 2 + g[None, :] ** 2
+    core = (np.abs(g)[:, None] <= core_half) & (np.abs(g)[None, :] <= core_half)
+    kernels = []
+    for sigma in sigmas:
+        k = np.exp(-r2 / (2 * sigma ** 2)) / (2 * math.pi * sigma ** 2)
+        k[core] = 0.0
+        kernels.append(k)
+    return kernels
+
+
+def local_convolution(image: np.ndarray, ix, iy, half: int, kernels, chunk: int = 64) -> list[np.ndarray]:
+    """``kernel * image`` on the squares of half-width ``half`` around the integer pixels
+    (ix, iy), for each kernel of ``kernels``: a list of (n, 2 half + 1, 2 half + 1) arrays, the
+    image zero beyond its edges. Each kernel is one odd square (k, k), or one per position
+    (n, k, k); all of one size. The stamps' FFTs are shared by the kernels."""
+    from scipy.fft import irfft2, next_fast_len, rfft2
+
+    ix, iy = np.asarray(ix, np.int64), np.asarray(iy, np.int64)
+    kernels = [np.asarray(k, np.float32) for k in kernels]
+    kh = kernels[0].shape[-1] // 2
+    side = 2 * (half + kh) + 1
+    grid = (next_fast_len(side, real=True),) * 2
+    fixed = [None if k.ndim == 3 else rfft2(k, s=grid, workers=FFT_WORKERS) for k in kernels]
+    out = [np.empty((ix.size, 2 * half + 1, 2 * half + 1), np.float32) for _ in kernels]
+    valid = slice(2 * kh, 2 * kh + 2 * half + 1)  # where the circular convolution is the linear one
+    for start in range(0, ix.size, chunk):
+        sl = slice(start, start + chunk)
+        stamps, _ = cutouts(image, ix[sl], iy[sl], half + kh)
+        stamps_hat = rfft2(stamps.astype(np.float32), s=grid, axes=(1, 2), workers=FFT_WORKERS)
+        for k, k_hat, o in zip(kernels, fixed, out):
+            if k_hat is None:
+                k_hat = rfft2(k[sl], s=grid, axes=(1, 2), workers=FFT_WORKERS)
+            o[sl] = irfft2(stamps_hat * k_hat, s=grid, axes=(1, 2), workers=FFT_WORKERS)[:, valid, valid]
+    return out
+
+
+def source_core_mask(shape, x, y, radius: float) -> np.ndarray:
+    """Boolean image, True within ``radius`` px of any of the positions (x, y)."""
+    ny, nx = shape
+    r = int(math.ceil(radius))
+    g = np.arange(-r, r + 1)
+    disc = g[:, None] ** 2 + g[None, :] ** 2 <= radius ** 2
+    mask = np.zeros(shape, bool)
+    for xi, yi in zip(np.round(x).astype(int), np.round(y).astype(int)):
+        y0, y1, x0, x1 = yi - r, yi + r + 1, xi - r, xi + r + 1
+        if y1 <= 0 or x1 <= 0 or y0 >= ny or x0 >= nx:
+            continue
+        sub = disc[max(0, -y0):2 * r + 1 - max(0, y1 - ny), max(0, -x0):2 * r + 1 - max(0, x1 - nx)]
+        mask[max(y0, 0):min(y1, ny), max(x0, 0):min(x1, nx)] |= sub
+    return mask
+
+
+def ring_layout(edges) -> tuple[np.ndarray, int]:
+    """Ring index (-1 outside) of each pixel of a ``2 ceil(edges[-1]) + 1`` square, and its half."""
+    edges = np.asarray(edges, float)
+    half = int(math.ceil(edges[-1]))
+    g = np.arange(-half, half + 1)
+    ring = np.digitize(np.hypot(g[:, None], g[None, :]), edges) - 1
+    ring[ring >= len(edges) - 1] = -1
+    return ring, half
+
+
+def ring_sums(stamps: np.ndarray, good: np.ndarray, edges) -> np.ndarray:
+    """Sums of each stamp (n, S, S; S = 2 ceil(edges[-1]) + 1, centred on its source) in the
+    rings ``edges[k] <= r < edges[k + 1]`` px, pixels not ``good`` replaced by the mean of the
+    ring's others: (n, n_rings); NaN for a ring with fewer than a quarter of its pixels good."""
+    ring, _ = ring_layout(edges)
+    inring = ring >= 0
+    labels = ring[inring]
+    n_rings = len(edges) - 1
+    area = np.bincount(labels, minlength=n_rings).astype(float)
+    values = stamps[:, inring].astype(float)
+    ok = good[:, inring]
+    offsets = (np.arange(len(stamps)) * n_rings)[:, None] + labels[None, :]
+    count = np.bincount(offsets[ok], minlength=len(stamps) * n_rings).reshape(len(stamps), n_rings)
+    total = np.bincount(offsets[ok], weights=values[ok], minlength=len(stamps) * n_rings).reshape(count.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = total / count * area
+    out[count < 0.25 * area] = np.nan
+    return out
+
+
+def fit_profiles(residual_rings: np.ndarray, term_rings: list[np.ndarray], noise_rings: np.ndarray, flux: np.ndarray,
+                 clip: float = 9.0, n_iter: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Coefficients ``c`` (and errors) of ``residual ~ sum_j c_j term_j`` fitted to the stars'
+    ring profiles in units of each star's flux, by weighted least squares over all (star, ring)
+    pairs.
+
+    Weights are ``(flux / noise)^2``, capped per ring at their 75th percentile over the stars
+    (the brightest stars count alike: one of them, saturated or with a neighbour, must not set
+    the fit alone); stars whose mean chi^2 exceeds ``clip`` times the median star's (a variable
+    star, a galaxy, a neighbour's halo in its rings) are dropped and the fit repeated.
+
+    ``residual_rings``, ``term_rings[j]``, ``noise_rings``: (n_stars, n_rings) ring sums (the
+    noise as the standard deviation of the sum); ``flux``: (n_stars,) in the same unit.
+    """
+    n = len(term_rings)
+    f = np.asarray(flux, float)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        weight = (f / noise_rings) ** 2
+        target = residual_rings / f
+        design = np.stack([t / f for t in term_rings], axis=-1)
+    ok = np.isfinite(target) & np.isfinite(weight) & (weight > 0) & np.isfinite(design).all(axis=-1)
+    weight = np.where(ok, weight, 0.0)
+    for k in range(weight.shape[1]):
+        if ok[:, k].any():
+            weight[:, k] = np.minimum(weight[:, k], np.quantile(weight[ok[:, k], k], 0.75))
+    target, design = np.where(ok, target, 0.0), np.where(ok[..., None], design, 0.0)
+    use = ok.any(axis=1)
+    coeffs, errors = np.zeros(n), np.full(n, np.inf)
+    for _ in range(n_iter + 1):
+        if use.sum() < 5:
+            return np.zeros(n), np.full(n, np.inf)
+        w = weight[use]
+        a = design[use].reshape(-1, n) * np.sqrt(w).reshape(-1, 1)
+        b = target[use].ravel() * np.sqrt(w).ravel()
+        cov = np.linalg.pinv(a.T @ a)
+        coeffs = cov @ (a.T @ b)
+        chi2 = (weight * (target - design @ coeffs) ** 2).sum(axis=1) / np.maximum(ok.sum(axis=1), 1)
+        scale = float(np.median(chi2[use]))
+        errors = np.sqrt(np.clip(np.diag(cov), 0, None) * max(scale, 1.0))
+        keep = use & (chi2 <= clip * max(scale, 1e-300))
+        if keep.sum() == use.sum():
+            break
+        use = keep
+    return coeffs, errors
