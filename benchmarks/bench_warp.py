@@ -71,22 +71,14 @@ out = warp_exposure(exp, target, tshape)
 seconds = time.perf_counter() - t
 img = out.image
 """,
-    "reproject_interp bilinear (image, variance, mask)": """
+    **{f"reproject_interp {order} (image, variance, mask)": f"""
 from reproject import reproject_interp
 t = time.perf_counter()
-img, _ = reproject_interp((exp.image, w), target, shape_out=tshape, order="bilinear")
+img, _ = reproject_interp((exp.image, w), target, shape_out=tshape, order="{order}")
 var, _ = reproject_interp((exp.variance, w), target, shape_out=tshape, order="bilinear")
 msk, _ = reproject_interp((exp.mask.astype(float), w), target, shape_out=tshape, order="nearest-neighbor")
 seconds = time.perf_counter() - t
-""",
-    "reproject_interp bicubic (image, variance, mask)": """
-from reproject import reproject_interp
-t = time.perf_counter()
-img, _ = reproject_interp((exp.image, w), target, shape_out=tshape, order="bicubic")
-var, _ = reproject_interp((exp.variance, w), target, shape_out=tshape, order="bilinear")
-msk, _ = reproject_interp((exp.mask.astype(float), w), target, shape_out=tshape, order="nearest-neighbor")
-seconds = time.perf_counter() - t
-""",
+""" for order in ("bilinear", "bicubic")},
     "reproject_adaptive (image only, flux-conserving)": """
 from reproject import reproject_adaptive
 t = time.perf_counter()

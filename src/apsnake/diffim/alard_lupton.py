@@ -4,8 +4,8 @@ The template is convolved to the science PSF unless, in ``convolve="auto"`` mode
 template PSF is wider in both axes; then the science image is convolved and the difference
 is ``(K * science - template) / ksum`` (``ksum`` = kernel sum at the centre), so that it
 stays in science flux units with the template's PSF. Steps: basis (``basis``), kernel stars
-(``kernel_stars``), fit (``kernel_fit``), convolution and decorrelation (``convolve``),
-mask (``masks``). The fitted differential background is NOT subtracted (as Rubin).
+(``kernel_stars``), fit (``kernel_fit``) alternating with the halo terms (``halo``),
+convolution and decorrelation (``convolve``), mask (``masks``). The fitted differential background is NOT subtracted (as Rubin).
 """
 
 from __future__ import annotations
@@ -25,23 +25,9 @@ from apsnake.diffim.convolve import (
     fft_shape,
     kernel_sq_sum_map,
 )
-from apsnake.diffim.extent import halo_reach
-from apsnake.diffim.halo import (
-    fit_profiles,
-    halo_sigmas,
-    local_convolution,
-    ring_layout,
-    ring_sums,
-    source_core_mask,
-    wide_kernels,
-)
+from apsnake.diffim.halo import HaloTerms
 from apsnake.diffim.kernel_fit import build_stamps, fit_kernel
-from apsnake.diffim.kernel_stars import (
-    detect_kernel_sources,
-    halo_stars,
-    select_kernel_stars,
-    source_columns,
-)
+from apsnake.diffim.kernel_stars import detect_kernel_sources, select_kernel_stars
 from apsnake.diffim.masks import assemble_mask, kernel_footprint_radius, mark_edge
 from apsnake.diffim.noise import mean_variance
 from apsnake.numerics import cutouts, grow_bits, polynomial_frame, polynomial_terms
@@ -115,7 +101,7 @@ def subtract_alard_lupton(science, template, sources, sci_img, sci_var, sci_ok, 
     # of the core convolution's footprint.
     ref_bad = (science.mask_of(*cfg.bad_mask_planes) | ~sci_ok) if conv_science else \
         (template.mask_of(*cfg.bad_mask_planes) | ~tpl_ok)
-    halo = _HaloTerms.prepare(np.where(ref_bad, np.float32(0), ref), tgt,
+    halo = HaloTerms.prepare(np.where(ref_bad, np.float32(0), ref), tgt,
                               ref_v * np.float32(f_ref) + tgt_v * np.float32(f_tgt), sources, bad_cut,
                               sci_img, tpl_img, sigmas, kh, max(fwhm_s, fwhm_t), cfg, meta)
     target = tgt
@@ -256,96 +242,3 @@ def footprint_ratio(diff, sci_img, diff_var, xs, ys, fwhm):
     if ratio.size == 0:
         return float("nan"), float("nan")
     return float(ratio.mean()), float(ratio.std())
-
-
-class _HaloTerms:
-    """The wide terms that match the PSF halos (``halo``): their kernels, the bright stars whose
-    ring profiles fit them (cutouts around each), and the fitted coefficients. Everything is
-    computed on the stars' cutouts; the whole image is convolved once, at the end, with the core
-    kernel and the combined wide terms."""
-
-    def __init__(self, ref=None, tgt=None, kernels=(), stars=None):
-        self.ref, self.tgt = ref, tgt
-        self.kernels = list(kernels)
-        self.stars = stars
-        self.coeffs = np.zeros(len(self.kernels))
-        self.errors = np.full(len(self.kernels), np.inf)
-
-    def __bool__(self) -> bool:
-        return bool(self.kernels)
-
-    @classmethod
-    def prepare(cls, ref, tgt, variance, sources, bad, sci_img, tpl_img, sigmas, core_half: int, fwhm: float,
-                cfg: DiffimConfig, meta: dict) -> _HaloTerms:
-        """Reach of the halos (``extent``), the wide kernels, and the rings (from the core
-        kernel's half-width to the reach) around bright stars on which they are fitted, with the
-        terms' ring sums there. No terms when ``halo_encircled_energy`` is None or none fits the
-        reach."""
-        if cfg.halo_encircled_energy is None:
-            return cls()
-        t0 = time.perf_counter()
-        r_max = int(cfg.halo_growth_radius)
-        hx, hy, hsnr = halo_stars(sources, ref.shape, r_max)
-        r_sci, r_tpl, n_halo = halo_reach(sci_img, tpl_img, bad, hx, hy, hsnr, cfg.halo_encircled_energy, r_max)
-        # At least as far as DECam halos typically reach (several core widths): with few bright
-        # stars the wing is poorly measured, and a term the halos do not need is fitted to ~0.
-        reach = cfg.halo_min_reach_fwhm * fwhm
-        if n_halo >= cfg.halo_min_stars and np.isfinite(max(r_sci, r_tpl)):
-            reach = max(reach, r_sci, r_tpl)
-        reach = min(reach, float(cfg.halo_radius_max))
-        wide = halo_sigmas(sigmas[-1], reach, cfg.halo_max_terms)
-        meta.update(halo_stars=n_halo, encircled_energy_radius_science=r_sci, time_halo_s=0.0,
-                    encircled_energy_radius_template=r_tpl, halo_reach=reach, halo_sigmas=[round(s, 3) for s in wide])
-        if not wide:
-            return cls()
-        x, y, flux, snr, flagged = source_columns(sources)
-        located = np.isfinite(x) & np.isfinite(y)
-        bright = np.flatnonzero(located & np.isfinite(snr) & (snr >= cfg.halo_fit_min_snr) & ~flagged
-                                & np.isfinite(flux) & (flux > 0))
-        bright = bright[np.argsort(-snr[bright])][:cfg.halo_fit_max_stars]
-        # Rings from just beyond the core kernel to the reach; masked pixels and the cores of
-        # other sources (which the wide terms must not try to fit) are left out.
-        edges = np.geomspace(core_half + 0.5, reach, cfg.halo_rings + 1)
-        _, half = ring_layout(edges)
-        ix, iy = np.round(x[bright]).astype(np.int64), np.round(y[bright]).astype(np.int64)
-        exclude = bad | source_core_mask(ref.shape, x[located], y[located], core_half)
-        excluded, inside = cutouts(exclude, ix, iy, half, fill=True)
-        good = inside & ~excluded
-        kernels = wide_kernels(wide, core_half, reach)
-        stars = dict(ix=ix, iy=iy, x=x[bright], y=y[bright], flux=flux[bright], edges=edges, half=half, good=good,
-                     target=cutouts(tgt, ix, iy, half)[0].astype(float),
-                     terms=[ring_sums(t, good, edges) for t in local_convolution(ref, ix, iy, half, kernels)],
-                     noise=np.sqrt(np.clip(ring_sums(cutouts(variance, ix, iy, half)[0], good, edges), 0, None)))
-        meta["halo_fit_stars"] = int(bright.size)
-        meta["time_halo_s"] = time.perf_counter() - t0
-        return cls(ref, tgt, kernels, stars)
-
-    def fit(self, core_kernels: np.ndarray, core_fit: dict) -> None:
-        """Fit the coefficients to the stars' ring profiles of the target less the reference
-        matched with the core kernel (``core_kernels``, the spatial components of
-        ``core_fit``) and less the core fit's differential background."""
-        st = self.stars
-        x0, y0, scale = polynomial_frame(self.ref.shape)
-        u, v = (st["ix"] - x0) / scale, (st["iy"] - y0) / scale
-        local = np.tensordot(polynomial_terms(core_fit["k_order"], u, v), core_kernels, axes=1)
-        background = polynomial_terms(core_fit["b_order"], u, v) @ core_fit["c"]
-        residual = st["target"] - local_convolution(self.ref, st["ix"], st["iy"], st["half"], [local])[0]
-        residual -= background[:, None, None]
-        rings = ring_sums(residual, st["good"], st["edges"])
-        self.coeffs, self.errors = fit_profiles(rings, st["terms"], st["noise"], st["flux"])
-
-    def kernel(self) -> np.ndarray:
-        """``sum_j c_j W_j``: the combined wide kernel."""
-        return sum(np.float32(c) * k.astype(np.float32) for c, k in zip(self.coeffs, self.kernels))
-
-    def subtract_from(self, image: np.ndarray, ix, iy, half: int) -> np.ndarray:
-        """A copy of ``image`` less the wide terms' contribution on the squares of half-width
-        ``half`` around (ix, iy) (the kernel stars' stamps: all the core fit reads)."""
-        out = image.copy()
-        contribution = local_convolution(self.ref, ix, iy, half, [self.kernel()])[0]
-        ny, nx = image.shape
-        for i, (xc, yc) in enumerate(zip(np.asarray(ix, int), np.asarray(iy, int))):
-            y0, x0 = yc - half, xc - half
-            ys, xs = slice(max(y0, 0), min(yc + half + 1, ny)), slice(max(x0, 0), min(xc + half + 1, nx))
-            out[ys, xs] = image[ys, xs] - contribution[i, ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
-        return out

@@ -1,22 +1,22 @@
-"""Matching the PSF halos: wide, zero-sum kernel terms fitted around bright stars.
+"""Matching the PSF halos: wide kernel terms fitted to bright stars' ring profiles.
 
 A DECam PSF is a Moffat core plus a halo: a beta ~ 2 profile several core widths wide holding
 2-5 % of the flux, its share changing from visit to visit. Where science and template halos
-differ, a kernel fitted to the cores leaves rings of residual flux around every bright star,
-out to several arcsec for g ~ 16-20 stars and to tens of arcsec for the brightest. The core
-kernel is fitted on stamps of a few FWHM (Rubin's); widening those stamps to the halo's reach
-was measured to loosen the match of the cores (the many wing pixels outweigh them), so the
-halo is matched in a second step:
+differ, a kernel fitted to the cores leaves rings of residual flux around every bright star.
+The core kernel is fitted on stamps of a few FWHM (Rubin's); widening those stamps to the
+halo's reach was measured to loosen the match of the cores (the many wing pixels outweigh
+them), so the halo is matched in a second step (``HaloTerms``):
 
-* wide terms ``W_j = G(sigma_j) - G(sigma_0)``: a unit Gaussian of width ``sigma_j`` minus the
-  basis' narrowest unit Gaussian, zero-sum so the kernel sum (the photometric scale) is the
-  core's; ``sigma_j`` double from twice the widest core Gaussian while ``2 sigma_j`` stays
-  within the halo's reach (``extent``: the radius holding ``1 - 1/1000`` of the flux);
-* their convolutions with the reference image, ``W_j * R``, computed by FFT on the whole image;
-* the coefficients ``c_j`` fitted by weighted linear least squares to the core-matched
-  residual ``G - K_core * R`` on pixels between the core kernel's half-width and the reach
-  around bright stars, where the halo shows and the cores do not (pixels within the core
-  radius of any source, and masked pixels, are left out);
+* wide terms ``W_j``: unit-sum Gaussians of width ``sigma_j`` set to zero on the core kernel's
+  square, so that core and wide terms share no kernel pixel and the two fits do not trade
+  flux; ``sigma_j`` double from twice the widest core Gaussian while ``2 sigma_j`` stays within
+  the halo's reach (``extent``);
+* around bright stars, the sums of the core-matched residual ``G - K_core * R`` (less the
+  differential background) and of each ``W_j * R`` in logarithmic rings from the core kernel's
+  half-width to the reach, masked pixels and other sources' cores left out, all computed on the
+  stars' cutouts;
+* the coefficients ``c_j`` fitted by weighted least squares to those ring profiles in units of
+  each star's flux (``fit_profiles``), alternating with the core fit;
 * the matched image becomes ``K_core * R + sum_j c_j (W_j * R)``.
 
 The wide terms are spatially constant (a halo's share changes by ~15 % across the whole focal
@@ -28,11 +28,15 @@ lowest frequencies only). docs/algorithms.md §4.4.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
+from apsnake.diffim.config import DiffimConfig
 from apsnake.diffim.convolve import FFT_WORKERS
-from apsnake.numerics import cutouts
+from apsnake.diffim.extent import halo_reach
+from apsnake.diffim.kernel_stars import halo_stars, source_columns
+from apsnake.numerics import cutouts, disc, polynomial_frame, polynomial_terms
 
 
 def halo_sigmas(widest_core_sigma: float, reach: float, max_terms: int = 4) -> list[float]:
@@ -88,18 +92,17 @@ def local_convolution(image: np.ndarray, ix, iy, half: int, kernels, chunk: int 
     return out
 
 
-def source_core_mask(shape, x, y, radius: float) -> np.ndarray:
+def source_core_mask(shape, x, y, radius: int) -> np.ndarray:
     """Boolean image, True within ``radius`` px of any of the positions (x, y)."""
     ny, nx = shape
-    r = int(math.ceil(radius))
-    g = np.arange(-r, r + 1)
-    disc = g[:, None] ** 2 + g[None, :] ** 2 <= radius ** 2
+    r = int(radius)
+    footprint = disc(r)
     mask = np.zeros(shape, bool)
     for xi, yi in zip(np.round(x).astype(int), np.round(y).astype(int)):
         y0, y1, x0, x1 = yi - r, yi + r + 1, xi - r, xi + r + 1
         if y1 <= 0 or x1 <= 0 or y0 >= ny or x0 >= nx:
             continue
-        sub = disc[max(0, -y0):2 * r + 1 - max(0, y1 - ny), max(0, -x0):2 * r + 1 - max(0, x1 - nx)]
+        sub = footprint[max(0, -y0):2 * r + 1 - max(0, y1 - ny), max(0, -x0):2 * r + 1 - max(0, x1 - nx)]
         mask[max(y0, 0):min(y1, ny), max(x0, 0):min(x1, nx)] |= sub
     return mask
 
@@ -178,3 +181,96 @@ def fit_profiles(residual_rings: np.ndarray, term_rings: list[np.ndarray], noise
             break
         use = keep
     return coeffs, errors
+
+
+class HaloTerms:
+    """The wide terms that match the PSF halos: their kernels, the bright stars whose ring
+    profiles fit them (cutouts around each), and the fitted coefficients. Everything is computed
+    on the stars' cutouts; the caller convolves the whole image once, at the end, with the core
+    kernel and the combined wide terms (``kernel``)."""
+
+    def __init__(self, ref=None, kernels=(), stars=None):
+        self.ref = ref
+        self.kernels = list(kernels)
+        self.stars = stars
+        self.coeffs = np.zeros(len(self.kernels))
+        self.errors = np.full(len(self.kernels), np.inf)
+
+    def __bool__(self) -> bool:
+        return bool(self.kernels)
+
+    @classmethod
+    def prepare(cls, ref, tgt, variance, sources, bad, sci_img, tpl_img, sigmas, core_half: int, fwhm: float,
+                cfg: DiffimConfig, meta: dict) -> HaloTerms:
+        """Reach of the halos (``extent``), the wide kernels, and the rings (from the core
+        kernel's half-width to the reach) around bright stars on which they are fitted, with the
+        terms' ring sums there. No terms when ``halo_encircled_energy`` is None or none fits the
+        reach."""
+        if cfg.halo_encircled_energy is None:
+            return cls()
+        t0 = time.perf_counter()
+        r_max = int(cfg.halo_growth_radius)
+        hx, hy, hsnr = halo_stars(sources, ref.shape, r_max)
+        r_sci, r_tpl, n_halo = halo_reach(sci_img, tpl_img, bad, hx, hy, hsnr, cfg.halo_encircled_energy, r_max)
+        # At least as far as DECam halos typically reach (several core widths): with few bright
+        # stars the wing is poorly measured, and a term the halos do not need is fitted to ~0.
+        reach = cfg.halo_min_reach_fwhm * fwhm
+        if n_halo >= cfg.halo_min_stars and np.isfinite(max(r_sci, r_tpl)):
+            reach = max(reach, r_sci, r_tpl)
+        reach = min(reach, float(cfg.halo_radius_max))
+        wide = halo_sigmas(sigmas[-1], reach, cfg.halo_max_terms)
+        meta.update(halo_stars=n_halo, encircled_energy_radius_science=r_sci, time_halo_s=0.0,
+                    encircled_energy_radius_template=r_tpl, halo_reach=reach, halo_sigmas=[round(s, 3) for s in wide])
+        if not wide:
+            return cls()
+        x, y, flux, snr, flagged = source_columns(sources)
+        located = np.isfinite(x) & np.isfinite(y)
+        bright = np.flatnonzero(located & np.isfinite(snr) & (snr >= cfg.halo_fit_min_snr) & ~flagged
+                                & np.isfinite(flux) & (flux > 0))
+        bright = bright[np.argsort(-snr[bright])][:cfg.halo_fit_max_stars]
+        # Rings from just beyond the core kernel to the reach; masked pixels and the cores of
+        # other sources (which the wide terms must not try to fit) are left out.
+        edges = np.geomspace(core_half + 0.5, reach, cfg.halo_rings + 1)
+        _, half = ring_layout(edges)
+        ix, iy = np.round(x[bright]).astype(np.int64), np.round(y[bright]).astype(np.int64)
+        exclude = bad | source_core_mask(ref.shape, x[located], y[located], core_half)
+        excluded, inside = cutouts(exclude, ix, iy, half, fill=True)
+        good = inside & ~excluded
+        kernels = wide_kernels(wide, core_half, reach)
+        stars = dict(ix=ix, iy=iy, x=x[bright], y=y[bright], flux=flux[bright], edges=edges, half=half, good=good,
+                     target=cutouts(tgt, ix, iy, half)[0].astype(float),
+                     terms=[ring_sums(t, good, edges) for t in local_convolution(ref, ix, iy, half, kernels)],
+                     noise=np.sqrt(np.clip(ring_sums(cutouts(variance, ix, iy, half)[0], good, edges), 0, None)))
+        meta["halo_fit_stars"] = int(bright.size)
+        meta["time_halo_s"] = time.perf_counter() - t0
+        return cls(ref, kernels, stars)
+
+    def fit(self, core_kernels: np.ndarray, core_fit: dict) -> None:
+        """Fit the coefficients to the stars' ring profiles of the target less the reference
+        matched with the core kernel (``core_kernels``, the spatial components of
+        ``core_fit``) and less the core fit's differential background."""
+        st = self.stars
+        x0, y0, scale = polynomial_frame(self.ref.shape)
+        u, v = (st["ix"] - x0) / scale, (st["iy"] - y0) / scale
+        local = np.tensordot(polynomial_terms(core_fit["k_order"], u, v), core_kernels, axes=1)
+        background = polynomial_terms(core_fit["b_order"], u, v) @ core_fit["c"]
+        residual = st["target"] - local_convolution(self.ref, st["ix"], st["iy"], st["half"], [local])[0]
+        residual -= background[:, None, None]
+        rings = ring_sums(residual, st["good"], st["edges"])
+        self.coeffs, self.errors = fit_profiles(rings, st["terms"], st["noise"], st["flux"])
+
+    def kernel(self) -> np.ndarray:
+        """``sum_j c_j W_j``: the combined wide kernel."""
+        return sum(np.float32(c) * k.astype(np.float32) for c, k in zip(self.coeffs, self.kernels))
+
+    def subtract_from(self, image: np.ndarray, ix, iy, half: int) -> np.ndarray:
+        """A copy of ``image`` less the wide terms' contribution on the squares of half-width
+        ``half`` around (ix, iy) (the kernel stars' stamps: all the core fit reads)."""
+        out = image.copy()
+        contribution = local_convolution(self.ref, ix, iy, half, [self.kernel()])[0]
+        ny, nx = image.shape
+        for i, (xc, yc) in enumerate(zip(np.asarray(ix, int), np.asarray(iy, int))):
+            y0, x0 = yc - half, xc - half
+            ys, xs = slice(max(y0, 0), min(yc + half + 1, ny)), slice(max(x0, 0), min(xc + half + 1, nx))
+            out[ys, xs] = image[ys, xs] - contribution[i, ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
+        return out
