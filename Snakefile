@@ -6,6 +6,8 @@
 #   calexp + template --diffim--> diffexp + matchedTemplate --detectDiaSources--> diaSrc
 #   diaSrc (+ diffexp, calexp) + APDB state of its sky cells --associate--> APDB fragments
 #   (DiaSource, DiaObject versions, DiaForcedSource) + apdb_marker, ordered per sky cell
+#   APDB rows + diffexp, calexp, template --package_alerts--> alerts (Avro, Rubin alert schema)
+#   [--produce_alerts--> Kafka, when alerts.kafka.bootstrap_servers is set]
 #
 # docs/architecture.md describes data IDs, products and the DAG ordering.
 
@@ -28,6 +30,7 @@ include: "rules/calibrate.smk"
 include: "rules/template.smk"
 include: "rules/diffim.smk"
 include: "rules/associate.smk"
+include: "rules/alerts.smk"
 
 
 rule all:
@@ -36,4 +39,8 @@ rule all:
         lambda wildcards: expand_data_ids(product("calexp")),
         lambda wildcards: expand_data_ids(product("diaSrc", "parquet"), science_only=True),
         lambda wildcards: expand_data_ids(str(marker_path(OUT, "{visit}", "{detector}")), science_only=True),
+        lambda wildcards: expand_data_ids(product("alerts", "avro"), science_only=True),
+        lambda wildcards: (
+            expand_data_ids(product("alerts", "kafka.json"), science_only=True) if kafka_enabled() else []
+        ),
     localrule: True

@@ -27,3 +27,19 @@ def sim_test_dir(sim_test_night):
     from pathlib import Path
 
     return Path(sim_test_night["outdir"])
+
+
+@pytest.fixture(scope="session")
+def workflow_run(sim_test_dir, tmp_path_factory):
+    """The whole workflow run once on the ``test`` night (``--cores 2``), after a dry run.
+
+    Returns (folder, config path, dry-run process, run process); the products are under
+    ``folder / "out"``. Shared by test_workflow.py and test_alerts_workflow.py.
+    """
+    from workflow_helpers import _config, _run
+
+    tmp_path = tmp_path_factory.mktemp("workflow")
+    config = _config(sim_test_dir, tmp_path)
+    dry = _run(tmp_path, config, "-n")
+    run = _run(tmp_path, config)
+    return tmp_path, config, dry, run

@@ -2,67 +2,17 @@
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from apsnake.exposure import read_exposure
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+from workflow_helpers import SNAKEMAKE, _config, _copy_run, _job_stats, _run, assert_same_alert_files
 
-
-def _config(sim, tmp_path, **extra):
-    config = {
-        "simulate": None, "raw": str(sim / "raw"), "calibs": str(sim / "calib"),
-        "refcat": str(sim / "refcat.parquet"), "templates": {"visits": [411371, 411372]},
-        "outdir": str(tmp_path / "out"), **extra,
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def _run(tmp_path, config, *args, check=True):
-    cmd = SNAKEMAKE + ["--directory", str(tmp_path), "--configfile", str(config), "--cores", "2", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if check and proc.returncode != 0:
-        pytest.fail(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def workflow_run(sim_test_dir, tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("workflow")
-    config = _config(sim_test_dir, tmp_path)
-    dry = _run(tmp_path, config, "-n")
-    run = _run(tmp_path, config)
-    return tmp_path, config, dry, run
-
-
-def _job_stats(proc):
-    """The "Job stats" table of a dry run as {rule: count}. Snakemake prints it at the start
-    and again at the end; both must agree, and their "total" must be the sum."""
-    tables = []
-    lines = (proc.stdout + proc.stderr).splitlines()
-    for i, line in enumerate(lines):
-        if line.strip() != "Job stats:":
-            continue
-        assert lines[i + 1].split() == ["job", "count"] and set(lines[i + 2].replace(" ", "")) == {"-"}, lines[i:i + 3]
-        table = {}
-        for row in lines[i + 3:]:
-            name, count = row.split()
-            if name == "total":
-                assert int(count) == sum(table.values()), (row, table)
-                break
-            table[name] = int(count)
-        tables.append(table)
-    assert tables, "no Job stats table in the dry run's output"
-    assert all(t == tables[0] for t in tables), tables
-    return tables[0]
+# The finished run of the test night, ``workflow_run``, is a session fixture (conftest.py): the
+# alert tests (test_alerts_workflow.py) read the same run.
 
 
 def test_dry_run_lists_the_jobs(workflow_run):
@@ -80,7 +30,7 @@ def test_dry_run_lists_the_jobs(workflow_run):
     after = _run(tmp_path, config, "-n", "--forcerun", "isr")
     assert _job_stats(after) == {
         "isr": len(data_ids), "calibrate": len(data_ids), "template": len(science), "diffim": len(science),
-        "detectDiaSources": len(science), "associate": len(science), "all": 1,
+        "detectDiaSources": len(science), "associate": len(science), "package_alerts": len(science), "all": 1,
     }
     assert _job_stats(_run(tmp_path, config, "-n", "--forceall")) == {"ingest": 1, "all": 1}
 
@@ -235,22 +185,6 @@ def _markers(out):
     return {p.name: p.stat().st_mtime_ns for p in (out / "apdb_marker").rglob("apdb_marker_*.json")}
 
 
-def _copy_run(workflow_run, tmp_path, keep_apdb=False):
-    """A copy of the finished test-night run (hard links) whose config points at the copy;
-    without the APDB unless ``keep_apdb``."""
-    import shutil
-
-    src_dir, config, _, _ = workflow_run
-    out = tmp_path / "out"
-    ignore = None if keep_apdb else shutil.ignore_patterns("apdb", "apdb_marker")
-    # Hard links: no disk for the ~GB of images, mtimes kept; every writer replaces files
-    # by renaming, so a re-run never changes the original run's files.
-    shutil.copytree(src_dir / "out", out, ignore=ignore, copy_function=os.link)
-    new_config = tmp_path / "config.yaml"
-    new_config.write_text(config.read_text().replace(str(src_dir / "out"), str(out)))
-    return out, new_config
-
-
 def test_association_writes_fragments_and_markers(workflow_run):
     import json
 
@@ -294,11 +228,14 @@ def test_association_links_the_truth(workflow_run, sim_test_dir):
 
 
 def test_association_is_the_same_with_one_core(workflow_run, tmp_path):
+    """--cores 1 after --cores 2: the same APDB, and the same alert files apart from the
+    processing timestamps (issue 12)."""
     out, config = _copy_run(workflow_run, tmp_path)
     proc = _run(tmp_path, config, "--cores", "1")
-    assert "associate" in proc.stdout + proc.stderr
+    assert "associate" in proc.stdout + proc.stderr and "package_alerts" in proc.stdout + proc.stderr
     assert "isr" not in (proc.stdout + proc.stderr).replace("Conda", "")  # only association re-ran
     _assert_same_apdb(_apdb_tables(out), _apdb_tables(workflow_run[0] / "out"))
+    assert_same_alert_files(out, workflow_run[0] / "out")
 
 
 def test_rerunning_one_data_id_reruns_its_chain_and_gives_the_same_apdb(workflow_run, tmp_path):

@@ -1,4 +1,5 @@
-"""The ``apsnake`` command: simulate a night, ingest headers, summarise a registry, query the APDB."""
+"""The ``apsnake`` command: simulate a night, ingest headers, summarise a registry, query the APDB,
+read alert files."""
 
 from __future__ import annotations
 
@@ -88,6 +89,42 @@ def _apdb_lightcurve(args) -> int:
     return 0
 
 
+def _alerts_show(args) -> int:
+    from apsnake.alerts import read_alert_file
+    from apsnake.alerts.avro import alert_summary
+    from apsnake.errors import ApsnakeError
+
+    try:
+        metadata, alerts = read_alert_file(args.file)
+    except ApsnakeError as err:
+        print(f"apsnake alerts: {err}", file=sys.stderr)
+        return 1
+    table = alert_summary(alerts)
+    print(f"{args.file}: {len(alerts)} alerts, schema {metadata.get('apsnake.schema_version', '?')} "
+          f"(id {metadata.get('apsnake.schema_id', '?')}), visit {metadata.get('apsnake.visit', '?')} "
+          f"detector {metadata.get('apsnake.detector', '?')}; fluxes in nJy, cutouts in pixels")
+    if len(table):
+        print(table.to_string(index=False, float_format="{:.2f}".format,
+                              formatters={"ra": "{:.6f}".format, "dec": "{:.6f}".format}))
+    return 0
+
+
+def _alerts_cutouts(args) -> int:
+    from apsnake.alerts import read_alert_file
+    from apsnake.alerts.avro import write_cutouts
+    from apsnake.errors import ApsnakeError
+
+    try:
+        _, alerts = read_alert_file(args.file)
+        paths = write_cutouts(alerts, args.id, args.out)
+    except ApsnakeError as err:
+        print(f"apsnake alerts: {err}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="apsnake", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--root", type=Path, default=Path("out"), help="the workflow's outdir (default: out)")
     q.add_argument("--csv", action="store_true", help="print CSV instead of a table")
     q.set_defaults(func=_apdb_lightcurve)
+
+    p = sub.add_parser("alerts", help="read alert files (alerts/{visit}/alerts_{visit}_{detector:02d}.avro)")
+    alerts_sub = p.add_subparsers(dest="alerts_command", required=True)
+    q = alerts_sub.add_parser("show", help="one line per alert: ids, position, flux, S/N, history, cutout sizes")
+    q.add_argument("file", type=Path, help="an alert file (.avro)")
+    q.set_defaults(func=_alerts_show)
+    q = alerts_sub.add_parser("cutouts", help="write the three cutouts of one alert as FITS files")
+    q.add_argument("file", type=Path, help="an alert file (.avro)")
+    q.add_argument("id", type=int, help="diaSourceId of the alert")
+    q.add_argument("--out", type=Path, default=Path("."), help="folder for the FITS files (default: here)")
+    q.set_defaults(func=_alerts_cutouts)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -357,8 +357,13 @@ def _native_plane(hdu, dtype) -> np.ndarray:
     return data
 
 
-def read_exposure(path: str | Path) -> Exposure:
+def read_exposure(path: str | Path, memmap: bool = False) -> Exposure:
     """Read an Exposure FITS written by ``write_exposure``.
+
+    With ``memmap=True`` the IMAGE, MASK and VARIANCE planes are memory maps of the file (in
+    the file's big-endian byte order) and only the pixels that are used are read: for taking
+    small cutouts of a full CCD (alert packets) without reading three 32 MB planes. Modifying
+    such planes never changes the file.
 
     Raises ``ExposureFormatError`` naming the file and the problem.
     """
@@ -366,8 +371,9 @@ def read_exposure(path: str | Path) -> Exposure:
     from astropy.wcs import FITSFixedWarning, WCS
 
     path = Path(path)
+    plane = (lambda hdu, dtype: hdu.data) if memmap else _native_plane
     try:
-        with fits.open(path, memmap=False) as hdul:
+        with fits.open(path, memmap=memmap) as hdul:
             names = [h.name for h in hdul]
             for required in ("IMAGE", "MASK", "VARIANCE"):
                 if required not in names:
@@ -399,9 +405,9 @@ def read_exposure(path: str | Path) -> Exposure:
             }
             metadata = {k: v for k, v in ph.items() if k not in reserved and k not in ("COMMENT", "HISTORY", "")}
             exposure = Exposure(
-                image=_native_plane(hdul["IMAGE"], np.float32),
-                mask=_native_plane(hdul["MASK"], np.int32),
-                variance=_native_plane(hdul["VARIANCE"], np.float32),
+                image=plane(hdul["IMAGE"], np.float32),
+                mask=plane(hdul["MASK"], np.int32),
+                variance=plane(hdul["VARIANCE"], np.float32),
                 visit_info=visit_info,
                 detector=int(ph.get("DETECTOR", -1)),
                 detector_name=str(ph.get("DETNAME", "")),

@@ -17,7 +17,8 @@ its Avro type is a union with ``null``.
 
 Deviations from the alert schema (``SCHEMA_DEVIATIONS``), all on nullability: ``trailNdata``
 is non-null in the alert schema, but we have no trailed-source measurement yet and never
-invent values, so it is nullable here (the alert writer must decide what to send).
+invent values, so it is nullable here; alerts send 0 (no pixels used in a trail fit), the one
+deliberate fill of ``apsnake.alerts.records.REQUIRED_FILLS``.
 
 ``conform`` is the gate through which every table is written: it orders and casts the
 columns, turns NaN into null in nullable floating-point columns ("not measured"), fills

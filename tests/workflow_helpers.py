@@ -1,0 +1,99 @@
+"""Helpers of the workflow tests: run Snakemake on the simulated test night, copy a finished run.
+
+The finished run itself is the session fixture ``workflow_run`` (conftest.py), shared by
+test_workflow.py and test_alerts_workflow.py so that the night is processed once per session.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+
+
+def _config(sim, tmp_path, **extra):
+    config = {
+        "simulate": None, "raw": str(sim / "raw"), "calibs": str(sim / "calib"),
+        "refcat": str(sim / "refcat.parquet"), "templates": {"visits": [411371, 411372]},
+        "outdir": str(tmp_path / "out"), **extra,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _run(tmp_path, config, *args, check=True):
+    cmd = SNAKEMAKE + ["--directory", str(tmp_path), "--configfile", str(config), "--cores", "2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if check and proc.returncode != 0:
+        pytest.fail(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _job_stats(proc):
+    """The "Job stats" table of a dry run as {rule: count}. Snakemake prints it at the start
+    and again at the end; both must agree, and their "total" must be the sum."""
+    tables = []
+    lines = (proc.stdout + proc.stderr).splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() != "Job stats:":
+            continue
+        assert lines[i + 1].split() == ["job", "count"] and set(lines[i + 2].replace(" ", "")) == {"-"}, lines[i:i + 3]
+        table = {}
+        for row in lines[i + 3:]:
+            name, count = row.split()
+            if name == "total":
+                assert int(count) == sum(table.values()), (row, table)
+                break
+            table[name] = int(count)
+        tables.append(table)
+    assert tables, "no Job stats table in the dry run's output"
+    assert all(t == tables[0] for t in tables), tables
+    return tables[0]
+
+
+def _copy_run(workflow_run, tmp_path, keep_apdb=False):
+    """A copy of the finished test-night run (hard links) whose config points at the copy;
+    without the APDB unless ``keep_apdb``."""
+    import shutil
+
+    src_dir, config, _, _ = workflow_run
+    out = tmp_path / "out"
+    ignore = None if keep_apdb else shutil.ignore_patterns("apdb", "apdb_marker")
+    # Hard links: no disk for the ~GB of images, mtimes kept; every writer replaces files
+    # by renaming, so a re-run never changes the original run's files.
+    shutil.copytree(src_dir / "out", out, ignore=ignore, copy_function=os.link)
+    new_config = tmp_path / "config.yaml"
+    new_config.write_text(config.read_text().replace(str(src_dir / "out"), str(out)))
+    return out, new_config
+
+
+def _without_processing_times(value):
+    """An alert (or part of one) without ``timeProcessedMjdTai``, the one field that differs
+    between two runs on the same inputs."""
+    if isinstance(value, dict):
+        return {k: _without_processing_times(v) for k, v in value.items() if k != "timeProcessedMjdTai"}
+    if isinstance(value, list):
+        return [_without_processing_times(v) for v in value]
+    return value
+
+
+def assert_same_alert_files(out_a, out_b):
+    """The two runs wrote the same alert files: same names, metadata and alerts (in the same
+    order), apart from the processing timestamps."""
+    from apsnake.alerts import read_alert_file
+
+    files_a = sorted(p.relative_to(out_a) for p in (Path(out_a) / "alerts").rglob("alerts_*.avro"))
+    files_b = sorted(p.relative_to(out_b) for p in (Path(out_b) / "alerts").rglob("alerts_*.avro"))
+    assert files_a and files_a == files_b
+    for name in files_a:
+        meta_a, alerts_a = read_alert_file(Path(out_a) / name)
+        meta_b, alerts_b = read_alert_file(Path(out_b) / name)
+        assert meta_a == meta_b, name
+        assert [a["diaSourceId"] for a in alerts_a] == [b["diaSourceId"] for b in alerts_b], name
+        assert _without_processing_times(alerts_a) == _without_processing_times(alerts_b), name
