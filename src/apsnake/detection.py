@@ -46,8 +46,15 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, psf_sigma: float,
     (plus cond3_fac sigma) is below cond3_fac2 times what a PSF of width ``psf_sigma``
     (pixels) centred on it would put at that distance (p minus cond3_fac sigma, scaled by
     the PSF). Stars, being at least PSF-wide, fail this test; single-pixel hits and tracks
-    pass it along the axis across the track. CR footprints are then grown into adjacent
-    pixels above grow_sigma.
+    pass it along the axis across the track. A track two pixels wide has a bright neighbour
+    across it too, so the same test is also made with the pixels two away along the row and
+    the column (not the diagonals: at 2.8 px a sharp star's PSF ratio is too small to tell).
+
+    CR footprints are then grown (n_grow steps) into adjacent pixels above grow_sigma, and
+    by one last ring of pixels above grow_sigma / 2, but only downhill: a pixel joins when it
+    is fainter than the brightest CR pixel next to it, as the skirt of a hit falls off from
+    its core. A star next to a hit is brighter towards its core, so at most its flank next
+    to the hit is masked, never its core (which interpolation would then erase).
     """
     config = config or CosmicRayConfig()
     img = np.asarray(image, np.float32)
@@ -55,14 +62,14 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, psf_sigma: float,
     cand = (img > config.min_sigma * sigma) & (img > config.min_dn)
     if bad is not None:
         cand &= ~bad
-    cand[0, :] = cand[-1, :] = cand[:, 0] = cand[:, -1] = False
+    cand[:2, :] = cand[-2:, :] = cand[:, :2] = cand[:, -2:] = False
     ys, xs = np.nonzero(cand)
     if ys.size == 0:
         return np.zeros(img.shape, bool)
     p = img[ys, xs]
     sp = sigma[ys, xs]
     is_cr = np.zeros(ys.size, bool)
-    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
+    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1), (0, 2), (2, 0)):
         dist2 = dy * dy + dx * dx
         psf_ratio = np.exp(-0.5 * dist2 / psf_sigma**2)
         a = img[ys + dy, xs + dx]
@@ -76,8 +83,14 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, psf_sigma: float,
         return crs
     from scipy import ndimage
 
-    above = img > config.grow_sigma * sigma
     square = np.ones((3, 3), bool)  # diagonal neighbours belong to a track too
+
+    def downhill(sub, pixels, threshold):
+        """Pixels next to ``sub`` that are above ``threshold`` sigma and fainter than the
+        brightest ``sub`` pixel next to them."""
+        brightest = ndimage.maximum_filter(np.where(sub, pixels, -np.inf), footprint=square, mode="constant",
+                                           cval=-np.inf)
+        return ~sub & (pixels > threshold * noise) & (pixels < brightest)
 
     # Grow inside small boxes around the hits only: a few hundred CRs cover < 1% of a CCD.
     labels, _ = ndimage.label(crs, structure=square)
@@ -86,14 +99,13 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, psf_sigma: float,
     for box in ndimage.find_objects(labels):
         ys = slice(max(box[0].start - pad, 0), box[0].stop + pad)
         xs = slice(max(box[1].start - pad, 0), box[1].stop + pad)
-        sub = crs[ys, xs]
+        sub, pixels, noise = crs[ys, xs], img[ys, xs], sigma[ys, xs]
         for _ in range(config.n_grow):
-            grown = ndimage.binary_dilation(sub, structure=square) & above[ys, xs]
-            if (grown == sub).all():
+            grown = downhill(sub, pixels, config.grow_sigma)
+            if not grown.any():
                 break
             sub = sub | grown
-        out[ys, xs] |= sub | (ndimage.binary_dilation(sub, structure=square)
-                              & (img[ys, xs] > 0.5 * config.grow_sigma * sigma[ys, xs]))
+        out[ys, xs] |= sub | downhill(sub, pixels, 0.5 * config.grow_sigma)
     return out
 
 
