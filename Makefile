@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(BIN)/snakemake --profile profiles/local --cores $(CORES)
 	@$(BIN)/apsnake registry out/registry
 	@$(BIN)/apsnake apdb summary --root out
+	@echo "Night report: out/qa/report.html (open it in a browser)"
 
 dry-run: $(STAMP)
 	$(BIN)/snakemake --profile profiles/local -n

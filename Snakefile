@@ -8,6 +8,10 @@
 #   (DiaSource, DiaObject versions, DiaForcedSource) + apdb_marker, ordered per sky cell
 #   APDB rows + diffexp, calexp, template --package_alerts--> alerts (Avro, Rubin alert schema)
 #   [--produce_alerts--> Kafka, when alerts.kafka.bootstrap_servers is set]
+#   calexp + diffexp + matchedTemplate + src --fakes--> fakes (injected fakes and their recovery;
+#   a fakes.fraction of the science data IDs; never in the APDB or the alerts)
+#   every science data ID's products + APDB + fakes --night_summary--> qa/night_summary.parquet
+#   --report--> qa/report.html (the night report: one self-contained HTML page)
 #
 # docs/architecture.md describes data IDs, products and the DAG ordering.
 
@@ -31,6 +35,8 @@ include: "rules/template.smk"
 include: "rules/diffim.smk"
 include: "rules/associate.smk"
 include: "rules/alerts.smk"
+include: "rules/fakes.smk"
+include: "rules/report.smk"
 
 
 rule all:
@@ -43,4 +49,6 @@ rule all:
         lambda wildcards: (
             expand_data_ids(product("alerts", "kafka.json"), science_only=True) if kafka_enabled() else []
         ),
+        lambda wildcards: fake_data_ids(),
+        night_report_target,
     localrule: True

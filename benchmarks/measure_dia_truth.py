@@ -95,9 +95,29 @@ def main(presets: list[str], template_mode: str = "coadd", score_only: Path | No
         metrics["static_star_normalised_rms_mean"] = float(np.mean(rms)) if rms.size else float("nan")
         metrics["n_static_stars"] = int(rms.size)
         metrics.update({f"association_{k}": v for k, v in evaluate_association(night, out).items()})
+        metrics.update({f"fakes_{k}": v for k, v in fakes_versus_truth(out, results).items()})
         print(f"\n== preset {preset}, templates {template_mode}: {len(results)} CCD-visits ==")
         for key, value in metrics.items():
             print(f"{key:52s} {_fmt(value)}")
+
+
+def fakes_versus_truth(out: Path, results: list[dict]) -> dict:
+    """Issue 13: completeness of the injected fakes against the truth's, on the data IDs that
+    have fakes (none when the run had fakes off)."""
+    import pandas as pd
+
+    from apsnake.sim.evaluate import completeness_fakes_versus_truth
+
+    tables, with_fakes = [], []
+    for result in results:
+        visit, detector = result["visit"], result["detector"]
+        path = out / "fakes" / str(visit) / f"fakes_{visit}_{detector:02d}.parquet"
+        if path.exists():
+            tables.append(pd.read_parquet(path))
+            with_fakes.append(result)
+    if not tables:
+        return {"n_data_ids": 0}
+    return {"n_data_ids": len(tables), **completeness_fakes_versus_truth(with_fakes, pd.concat(tables, ignore_index=True))}
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ def test_dry_run_lists_the_jobs(workflow_run):
     after = _run(tmp_path, config, "-n", "--forcerun", "isr")
     assert _job_stats(after) == {
         "isr": len(data_ids), "calibrate": len(data_ids), "template": len(science), "diffim": len(science),
-        "detectDiaSources": len(science), "associate": len(science), "package_alerts": len(science), "all": 1,
+        "detectDiaSources": len(science), "associate": len(science), "package_alerts": len(science),
+        "fakes": len(science), "night_summary": 1, "report": 1, "all": 1,
     }
     assert _job_stats(_run(tmp_path, config, "-n", "--forceall")) == {"ingest": 1, "all": 1}
 
@@ -183,6 +184,42 @@ def _assert_same_apdb(a, b):
 
 def _markers(out):
     return {p.name: p.stat().st_mtime_ns for p in (out / "apdb_marker").rglob("apdb_marker_*.json")}
+
+
+def test_fakes_of_every_science_data_id_and_the_fraction(workflow_run, tmp_path):
+    """Rule fakes: one Fake table per science data ID (fakes.fraction 1), most bright fakes
+    recovered, none in the APDB; fakes.fraction picks the data IDs (0: none)."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    import yaml
+
+    from apsnake import schema
+    from apsnake.fakes import select_fake_data_ids
+
+    out = workflow_run[0] / "out"
+    exposures = pd.read_parquet(out / "registry" / "exposures.parquet")
+    science = sorted((int(v), int(d)) for v, d in zip(exposures["visit"], exposures["detector"])
+                     if v not in (411371, 411372))
+    tables = [pq.read_table(out / "fakes" / str(v) / f"fakes_{v}_{d:02d}.parquet") for v, d in science]
+    assert all(t.schema == schema.arrow_schema("Fake") for t in tables)
+    fakes = pd.concat([t.to_pandas() for t in tables])
+    assert len(fakes) > 40 * len(science)
+    assert fakes.loc[fakes["expectedSnr"] > 15, "recovered"].mean() > 0.9
+    apdb = pd.concat([pd.read_parquet(p, columns=["pixelFlags_injected", "pixelFlags_injectedCenter"])
+                      for p in (out / "apdb" / "DiaSource").rglob("*.parquet")])
+    assert not apdb.fillna(False).to_numpy().any()  # no injected pixels reach the APDB
+    copy, config = _copy_run(workflow_run, tmp_path, keep_apdb=True)
+    shutil.rmtree(copy / "fakes")
+    settings = yaml.safe_load(config.read_text())
+    for fraction in (0.5, 0.0):
+        settings["fakes"] = {"fraction": fraction}
+        config.write_text(yaml.safe_dump(settings))
+        expected = len(select_fake_data_ids(science, fraction))
+        dry = _run(tmp_path, config, "-n")
+        # (an earlier test may have re-made one postISR of the shared run: its chain is planned too)
+        planned = 0 if "Nothing to be done" in dry.stdout + dry.stderr else _job_stats(dry).get("fakes", 0)
+        assert planned == expected
 
 
 def test_association_writes_fragments_and_markers(workflow_run):

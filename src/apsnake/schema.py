@@ -1,4 +1,4 @@
-"""Column definitions of the APDB tables and alert records: the one schema module.
+"""Column definitions of the APDB tables, alert records and fakes: the one schema module.
 
 Names, types and nullability follow the Rubin alert schema (PyPI ``lsst-alert-packet``,
 schema ``ALERT_SCHEMA_VERSION``: ``lsst.v11_1.{diaSource,diaObject,diaForcedSource}.avsc``),
@@ -14,6 +14,9 @@ so that an alert is a projection of APDB rows (docs/formats.md §9). Units follo
 Avro type -> Arrow type: ``long`` -> int64, ``int`` -> int32, ``float`` -> float32,
 ``double`` -> float64, ``boolean`` -> bool, ``string`` -> string. A column is nullable when
 its Avro type is a union with ``null``.
+
+The ``Fake`` table (injected fakes, ``apsnake.fakes``) is apsnake's own, not part of the alert
+schema or the APDB; its units follow the same conventions.
 
 Deviations from the alert schema (``SCHEMA_DEVIATIONS``), all on nullability: ``trailNdata``
 is non-null in the alert schema, but we have no trailed-source measurement yet and never
@@ -264,11 +267,44 @@ DIA_FORCED_SOURCE_COLUMNS: tuple[Column, ...] = (
     _c("timeWithdrawnMjdTai", F64, "d", "Time this record was withdrawn, MJD (TAI)."),
 )
 
+# ---------------------------------------------------------------------------
+# Fake: injected point sources and what became of them (apsnake.fakes). Not an APDB table and
+# not in the alert schema: fakes live only in the per-data-ID ``fakes`` Parquet files.
+FAKE_COLUMNS: tuple[Column, ...] = (
+    _c("fakeId", I64, "", "Unique id of the fake: (visit, detector, running index) packed as diaSourceId is "
+                          "(apsnake.ids); unique among fakes only.", False),
+    _c("visit", I64, "", "Visit the fake was injected into.", False),
+    _c("detector", I64, "", "Detector (DECam CCDNUM) the fake was injected into.", False),
+    _c("band", STR, "", "Filter band of the visit."),
+    _c("midpointMjdTai", F64, "d", "Mid-exposure time of the visit, MJD (TAI).", False),
+    _c("x", F64, "pixel", "Column of the injected position, 0-based, trimmed detector frame.", False),
+    _c("y", F64, "pixel", "Row of the injected position, 0-based, trimmed detector frame.", False),
+    _c("ra", F64, "deg", "Right ascension (ICRS) of the injected position (calexp WCS).", False),
+    _c("dec", F64, "deg", "Declination (ICRS) of the injected position (calexp WCS).", False),
+    _c("injectedFlux", F64, "nJy", "Injected flux, on the scale of DiaSource psfFlux (aperture corrected).",
+       False),
+    _c("injectedMag", F64, "mag", "AB magnitude of injectedFlux: -2.5 log10(injectedFlux / nJy) + 31.4.", False),
+    _c("expectedSnr", F64, "", "Expected PSF-fit S/N on the difference image: flux over the optimal PSF-fit "
+                               "error from the difference PSF and variance at the position.", False),
+    _c("onHost", BOOL, "", "Placed near the centroid of a galaxy (a src source more extended than the PSF).",
+       False),
+    _c("recovered", BOOL, "", "A non-negative DiaSource with pixelFlags_injectedCenter lies within the match "
+                              "radius (nearest, one-to-one).", False),
+    _c("diaSourceId", I64, "", "The matched DiaSource of the fake run (not in the APDB); null if not recovered."),
+    _c("psfFlux", F64, "nJy", "psfFlux of the matched DiaSource; null if not recovered."),
+    _c("psfFluxErr", F64, "nJy", "psfFluxErr of the matched DiaSource; null if not recovered."),
+    _c("separation", F64, "pixel", "Distance from the injected position to the matched DiaSource; null if not "
+                                   "recovered."),
+)
+
 TABLES: dict[str, tuple[Column, ...]] = {
     "DiaSource": DIA_SOURCE_COLUMNS,
     "DiaObject": DIA_OBJECT_COLUMNS,
     "DiaForcedSource": DIA_FORCED_SOURCE_COLUMNS,
+    "Fake": FAKE_COLUMNS,
 }
+#: The tables that follow the Rubin alert schema (the others are apsnake's own).
+ALERT_TABLES = ("DiaSource", "DiaObject", "DiaForcedSource")
 
 #: Columns whose nullability differs from the alert schema: name -> (table, reason).
 SCHEMA_DEVIATIONS: dict[tuple[str, str], str] = {
@@ -277,15 +313,18 @@ SCHEMA_DEVIATIONS: dict[tuple[str, str], str] = {
 
 
 def _arrow_schema(table_name: str) -> pa.Schema:
-    return pa.schema([c.field() for c in TABLES[table_name]],
-                     metadata={"table": table_name, "alert_schema_version": ALERT_SCHEMA_VERSION})
+    metadata = {"table": table_name}
+    if table_name in ALERT_TABLES:
+        metadata["alert_schema_version"] = ALERT_SCHEMA_VERSION
+    return pa.schema([c.field() for c in TABLES[table_name]], metadata=metadata)
 
 
 DIA_SOURCE_SCHEMA = _arrow_schema("DiaSource")
 DIA_OBJECT_SCHEMA = _arrow_schema("DiaObject")
 DIA_FORCED_SOURCE_SCHEMA = _arrow_schema("DiaForcedSource")
+FAKE_SCHEMA = _arrow_schema("Fake")
 _SCHEMAS = {"DiaSource": DIA_SOURCE_SCHEMA, "DiaObject": DIA_OBJECT_SCHEMA,
-            "DiaForcedSource": DIA_FORCED_SOURCE_SCHEMA}
+            "DiaForcedSource": DIA_FORCED_SOURCE_SCHEMA, "Fake": FAKE_SCHEMA}
 
 
 def _table_name(table_name: str) -> str:
@@ -296,7 +335,7 @@ def _table_name(table_name: str) -> str:
 
 
 def columns(table_name: str) -> tuple[Column, ...]:
-    """The column definitions of a table ('DiaSource', 'DiaObject', 'DiaForcedSource';
+    """The column definitions of a table ('DiaSource', 'DiaObject', 'DiaForcedSource', 'Fake';
     case-insensitive), in schema order."""
     return TABLES[_table_name(table_name)]
 
@@ -357,7 +396,7 @@ def conform(data, table_name: str, *, extra: str = "raise") -> pa.Table:
     data : pandas.DataFrame, pyarrow.Table or mapping of column name -> array-like
         The rows; scalar values in a mapping are broadcast.
     table_name : str
-        'DiaSource', 'DiaObject' or 'DiaForcedSource' (case-insensitive).
+        'DiaSource', 'DiaObject', 'DiaForcedSource' or 'Fake' (case-insensitive).
     extra : {'raise', 'drop'}
         What to do with columns the schema does not know: raise ``SchemaError`` (default:
         a typo or a stale name must not vanish silently) or drop them.

@@ -153,7 +153,8 @@ def evaluate_data_id(sim_dir: str | Path, out_dir: str | Path, visit: int, detec
     rra, rdec = diffexp.wcs.all_pix2world(rx, ry, 0)
     r_cosmic, r_bad, _ = pixel_attributes(sim_dir, visit, detector, rra, rdec, rx, ry, diffexp.shape, no_data, frames)
     random = site_attributes(tangent_plane(rra, rdec, ra0, dec0), stars, stars_xy, galaxies, gal_xy, r_cosmic, r_bad)
-    return {"truth": on, "sources": sources, "random": random, "cosmic_rays_replayed": bool(replayed)}
+    return {"truth": on, "sources": sources, "random": random, "cosmic_rays_replayed": bool(replayed),
+            "visit": int(visit), "detector": int(detector)}
 
 
 def _isotonic(y, w=None) -> np.ndarray:
@@ -437,3 +438,35 @@ def evaluate_association(sim_dir: str | Path, out_dir: str | Path) -> dict:
         "n_asteroid_detections": int(len(matched[matched["kind"] == "asteroid"])),
         "n_objects_linking_asteroid_visits": asteroid_links,
     }
+
+
+def completeness_fakes_versus_truth(results: list[dict], fakes: pd.DataFrame) -> dict:
+    """Completeness measured by the injected fakes against that of the simulator's truth
+    (issue 13), on the same difference images.
+
+    ``results``: ``evaluate_data_id`` outputs of the data IDs that have fakes; ``fakes``: their
+    fake tables (``Fake`` schema). Truth: transients and variables brightening since the
+    template (positive difference flux, as the fakes are) on good pixels, magnitude
+    ``-2.5 log10(diff_flux_nJy) + 31.4``, S/N the true difference S/N; fakes: ``injectedMag``,
+    ``expectedSnr``. Both through the same fit (``apsnake.completeness.fit_completeness``, a
+    logistic with a plateau): ``m50_*`` (AB mag) and ``snr50_*``, each with its bootstrap error,
+    their differences (fakes - truth), and the counts.
+    """
+    from apsnake.completeness import fit_completeness
+
+    truth = pd.concat([r["truth"] for r in results], ignore_index=True) if results else pd.DataFrame()
+    if len(truth):
+        truth = truth[(truth["kind"] != "asteroid") & (truth["diff_flux_nJy"] > 0) & truth["good_pixels"]]
+    t_mag = -2.5 * np.log10(truth["diff_flux_nJy"].to_numpy(float)) + 31.4 if len(truth) else np.zeros(0)
+    t_det = truth["matched"].to_numpy(bool) if len(truth) else np.zeros(0, bool)
+    t_snr = truth["true_snr"].to_numpy(float) if len(truth) else np.zeros(0)
+    f_det = fakes["recovered"].to_numpy(bool)
+    out = {"n_truth": int(len(t_mag)), "n_fakes": int(len(fakes))}
+    for name, tx, fx, decreasing in (("m50", t_mag, fakes["injectedMag"].to_numpy(float), True),
+                                     ("snr50", t_snr, fakes["expectedSnr"].to_numpy(float), False)):
+        t_fit = fit_completeness(tx, t_det, decreasing=decreasing)
+        f_fit = fit_completeness(fx, f_det, decreasing=decreasing)
+        out[f"{name}_truth"], out[f"{name}_truth_err"] = t_fit.x50, t_fit.x50_err
+        out[f"{name}_fakes"], out[f"{name}_fakes_err"] = f_fit.x50, f_fit.x50_err
+        out[f"{name}_fakes_minus_truth"] = f_fit.x50 - t_fit.x50
+    return out

@@ -1,0 +1,130 @@
+"""Completeness of detection: binned fractions with binomial errors and a fitted logistic curve.
+
+Used for injected fakes (``apsnake.fakes``, the night report) and for the simulator's truth
+(``apsnake.sim.evaluate``), so that both give the same kind of number. ``values`` is what the
+completeness is a function of: a magnitude (completeness falls as it grows,
+``decreasing=True``) or an expected S/N (completeness rises).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Central interval of the binomial errors (one sigma).
+ONE_SIGMA = 0.6826894921370859
+
+
+@dataclass(frozen=True)
+class CompletenessFit:
+    """C(x) = plateau / (1 + exp(-(x - center) / width)) (``width`` < 0 when decreasing).
+
+    ``x50``: where C reaches ``level`` (0.5 unless asked otherwise), NaN when the fit failed
+    (fewer than ``min_points`` values, all detected or none, or the plateau below ``level``);
+    ``x50_err``: its one-sigma error from a bootstrap of the values; ``n``: values used.
+    """
+
+    x50: float
+    x50_err: float
+    plateau: float
+    center: float
+    width: float
+    level: float
+    n: int
+
+    def __call__(self, x):
+        """The fitted completeness at ``x``."""
+        return self.plateau / (1.0 + np.exp(-(np.asarray(x, float) - self.center) / self.width))
+
+
+def binned_completeness(values, detected, edges) -> dict[str, np.ndarray]:
+    """Fraction detected per bin of ``values`` (bins ``[edges[i], edges[i+1])``).
+
+    Returns arrays ``lo``, ``hi`` (bin edges), ``n`` (values in the bin), ``k`` (detected),
+    ``fraction`` (k / n, NaN for an empty bin) and ``err_lo``, ``err_hi``: the Clopper-Pearson
+    (exact binomial) one-sigma interval, so that a bin of 3 out of 3 is not given zero error.
+    """
+    from scipy.stats import beta
+
+    values, detected = np.asarray(values, float), np.asarray(detected, bool)
+    edges = np.asarray(edges, float)
+    which = np.digitize(values, edges) - 1
+    nbin = len(edges) - 1
+    ok = (which >= 0) & (which < nbin) & np.isfinite(values)
+    n = np.bincount(which[ok], minlength=nbin)
+    k = np.bincount(which[ok], weights=detected[ok], minlength=nbin).astype(int)
+    tail = (1.0 - ONE_SIGMA) / 2.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fraction = np.where(n > 0, k / np.maximum(n, 1), np.nan)
+        err_lo = np.where(k > 0, beta.ppf(tail, k, n - k + 1), 0.0)
+        err_hi = np.where(k < n, beta.ppf(1.0 - tail, k + 1, n - k), 1.0)
+    err_lo = np.where(n > 0, err_lo, np.nan)
+    err_hi = np.where(n > 0, err_hi, np.nan)
+    return {"lo": edges[:-1], "hi": edges[1:], "n": n, "k": k, "fraction": fraction,
+            "err_lo": err_lo, "err_hi": err_hi}
+
+
+def _fit_logistic(x, d, decreasing, start=None):
+    """Maximum-likelihood (Bernoulli) logistic with a plateau: (plateau, center, width).
+    ``start``: one (plateau, center, width) to start from, else a small grid of starts."""
+    from scipy.optimize import minimize
+    from scipy.special import expit
+
+    sign = -1.0 if decreasing else 1.0
+    spread = max(float(np.std(x)), 1e-3)
+
+    def nll(p):
+        center, log_width, logit_plateau = p
+        c = expit(logit_plateau) * expit(sign * (x - center) / np.exp(log_width))
+        c = np.clip(c, 1e-9, 1.0 - 1e-9)
+        return -np.sum(d * np.log(c) + (1.0 - d) * np.log1p(-c))
+
+    if start is None:
+        starts = [(float(np.quantile(x, q)), np.log(spread * f), 4.0) for q in (0.3, 0.5, 0.7) for f in (0.1, 0.5)]
+    else:
+        plateau, center, width = start
+        starts = [(center, np.log(abs(width)), np.log(plateau / max(1.0 - plateau, 1e-6)))]
+    best = min((minimize(nll, s, method="Nelder-Mead", options={"xatol": 1e-5, "fatol": 1e-7, "maxiter": 4000})
+                for s in starts), key=lambda r: r.fun)
+    center, log_width, logit_plateau = best.x
+    return float(expit(logit_plateau)), float(center), sign * float(np.exp(log_width))
+
+
+def _x50(plateau, center, width, level):
+    if not plateau > level:
+        return float("nan")
+    return float(center - width * np.log(plateau / level - 1.0))
+
+
+def fit_completeness(values, detected, *, decreasing: bool = False, level: float = 0.5,
+                     min_points: int = 10, n_bootstrap: int = 40, seed: int = 0) -> CompletenessFit:
+    """Fit C(x) = plateau / (1 + exp(-(x - center) / width)) to detected / not detected
+    outcomes, unbinned (Bernoulli likelihood), and solve C(x50) = ``level``.
+
+    ``decreasing=True`` for magnitudes (fainter is less complete). The plateau (<= 1) takes
+    the sources lost at any brightness (on masked pixels, blended with stars). ``x50_err`` is
+    the standard deviation of x50 over ``n_bootstrap`` resamples of the outcomes (seeded:
+    the same input gives the same answer).
+    """
+    x, d = np.asarray(values, float), np.asarray(detected, bool)
+    use = np.isfinite(x)
+    x, d = x[use], d[use].astype(float)
+    nan = float("nan")
+    if len(x) < min_points or d.all() or not d.any():
+        return CompletenessFit(nan, nan, nan, nan, nan, level, int(len(x)))
+    plateau, center, width = _fit_logistic(x, d, decreasing)
+    x50 = _x50(plateau, center, width, level)
+    err = nan
+    if np.isfinite(x50) and n_bootstrap > 1:
+        rng = np.random.default_rng(seed)
+        draws = []
+        for _ in range(n_bootstrap):
+            pick = rng.integers(0, len(x), len(x))
+            if 0 < d[pick].sum() < len(pick):
+                draws.append(_x50(*_fit_logistic(x[pick], d[pick], decreasing, (plateau, center, width)), level))
+        draws = np.asarray(draws)
+        draws = draws[np.isfinite(draws)]
+        if len(draws) > 1:
+            err = float(np.std(draws, ddof=1))
+    return CompletenessFit(x50, err, plateau, center, width, level, int(len(x)))
