@@ -183,18 +183,6 @@ def test_cosmic_ray_tracks_two_pixels_wide_are_flagged(rng):
     assert not near(crs, [(130, 120), (151, 60)], 8).any()
 
 
-def test_cosmic_ray_next_to_a_star_leaves_the_star_core_unmasked(rng):
-    """Growth runs downhill from the hit: a star beside a hit keeps its core, which the
-    interpolation over CR pixels would otherwise erase (and leave a false DIA source)."""
-    image, variance = cr_scene(rng)
-    peak_per_flux = gaussian_star(100.0, 100.0, 1.0)[100, 100]
-    image += gaussian_star(80.0, 60.0, 3000.0 / peak_per_flux)   # star of peak 3000 at (60, 80)
-    image[60, 84] += 4000.0                                       # a hit 4 px from its centre
-    crs = find_cosmic_rays(image, variance, PSF_SIGMA)
-    assert crs[60, 84]
-    assert not crs[58:63, 78:83].any()  # the star's core (5x5 around its peak)
-
-
 def test_cosmic_rays_respect_bad_thresholds_and_variance(rng):
     image, variance = cr_scene(rng, noise=1.0)
     assert not find_cosmic_rays(image, variance, PSF_SIGMA).any()  # noise and stars alone

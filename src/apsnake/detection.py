@@ -51,10 +51,7 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, psf_sigma: float,
     the column (not the diagonals: at 2.8 px a sharp star's PSF ratio is too small to tell).
 
     CR footprints are then grown (n_grow steps) into adjacent pixels above grow_sigma, and
-    by one last ring of pixels above grow_sigma / 2, but only downhill: a pixel joins when it
-    is fainter than the brightest CR pixel next to it, as the skirt of a hit falls off from
-    its core. A star next to a hit is brighter towards its core, so at most its flank next
-    to the hit is masked, never its core (which interpolation would then erase).
+    by one last ring of pixels above grow_sigma / 2.
     """
     config = config or CosmicRayConfig()
     img = np.asarray(image, np.float32)
@@ -83,14 +80,8 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, psf_sigma: float,
         return crs
     from scipy import ndimage
 
+    above = img > config.grow_sigma * sigma
     square = np.ones((3, 3), bool)  # diagonal neighbours belong to a track too
-
-    def downhill(sub, pixels, threshold):
-        """Pixels next to ``sub`` that are above ``threshold`` sigma and fainter than the
-        brightest ``sub`` pixel next to them."""
-        brightest = ndimage.maximum_filter(np.where(sub, pixels, -np.inf), footprint=square, mode="constant",
-                                           cval=-np.inf)
-        return ~sub & (pixels > threshold * noise) & (pixels < brightest)
 
     # Grow inside small boxes around the hits only: a few hundred CRs cover < 1% of a CCD.
     labels, _ = ndimage.label(crs, structure=square)
@@ -99,13 +90,14 @@ def find_cosmic_rays(image: np.ndarray, variance: np.ndarray, psf_sigma: float,
     for box in ndimage.find_objects(labels):
         ys = slice(max(box[0].start - pad, 0), box[0].stop + pad)
         xs = slice(max(box[1].start - pad, 0), box[1].stop + pad)
-        sub, pixels, noise = crs[ys, xs], img[ys, xs], sigma[ys, xs]
+        sub = crs[ys, xs]
         for _ in range(config.n_grow):
-            grown = downhill(sub, pixels, config.grow_sigma)
-            if not grown.any():
+            grown = ndimage.binary_dilation(sub, structure=square) & above[ys, xs]
+            if (grown == sub).all():
                 break
             sub = sub | grown
-        out[ys, xs] |= sub | downhill(sub, pixels, 0.5 * config.grow_sigma)
+        out[ys, xs] |= sub | (ndimage.binary_dilation(sub, structure=square)
+                              & (img[ys, xs] > 0.5 * config.grow_sigma * sigma[ys, xs]))
     return out
 
 
