@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.apsnake-installed
 CORES ?= all
 
-.PHONY: demo test venv clean dry-run
+.PHONY: demo test venv clean dry-run slurm-test
 
 venv: $(STAMP)
 
@@ -30,6 +30,13 @@ dry-run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The workflow on a throw-away single-node SLURM cluster against a local run (needs root;
+# installs Debian's slurmctld, slurmd and munge when missing): tests/slurm/run_slurm_test.sh.
+slurm-test: $(STAMP)
+	@$(BIN)/python -c 'import importlib.metadata as m, sys; v = m.version("snakemake-executor-plugin-slurm"); sys.exit(tuple(map(int, v.split(".")[:2])) < (2, 8))' 2>/dev/null \
+		|| $(BIN)/python -m pip install --quiet -e '.[slurm]'
+	tests/slurm/run_slurm_test.sh
 
 clean:
 	rm -rf out data .snakemake
