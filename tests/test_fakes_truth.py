@@ -1,11 +1,11 @@
 """The fakes measure what the simulator's truth measures (issue 13), on the workflow's run of
 the `test` night (session fixture ``workflow_run``).
 
-The `test` night's transients and variables sit at difference S/N ~ 10-200, so its truth has no
-50% point; there the two are compared at S/N >= 10, and the fakes' own 50% point is checked
-against the 5-sigma detection threshold. m50 and S/N50 of fakes against truth (within 0.15 mag
-and 0.5) are measured on the `dense` night, whose truth reaches S/N ~ 2
-(benchmarks/measure_dia_truth.py, benchmarks/README.md).
+The `test` night's transients and variables sit mostly at difference S/N ~ 10-200, with only a
+handful below S/N 8, so its truth pins the 50% point loosely: the two are compared at S/N >= 10,
+the fakes' own 50% point against the 5-sigma detection threshold, and m50 and S/N50 of fakes
+against truth with a looser tolerance (0.4 mag, 1.0) than the `dense` night's targets (0.15 mag,
+0.5; its truth reaches S/N ~ 2: benchmarks/measure_dia_truth.py, benchmarks/README.md).
 """
 
 import numpy as np
@@ -51,10 +51,14 @@ def test_fakes_agree_with_the_truth_of_the_test_night(workflow_run, sim_test_dir
     assert abs(np.median(pull)) < 0.2
     assert 0.7 < mad_sigma(pull) < 1.3
 
-    # The comparison function of the dense benchmark runs on these tables and counts both.
+    # m50 and S/N50 against the truth, the dense benchmark's comparison with a looser tolerance:
+    # here the truth's 50% point rests on a handful of objects below S/N 8 (0.18 mag and 0.4
+    # when written; dense: 0.08 and 0.26 against targets of 0.15 and 0.5).
     compared = completeness_fakes_versus_truth(results, fakes)
-    assert compared["n_fakes"] == len(fakes) and compared["n_truth"] > 0
+    assert compared["n_fakes"] == len(fakes) and compared["n_truth"] >= 20
     assert abs(compared["snr50_fakes"] - snr50.x50) < 1e-9
+    assert abs(compared["m50_fakes_minus_truth"]) <= 0.4, compared
+    assert abs(compared["snr50_fakes_minus_truth"]) <= 1.0, compared
 
 
 def test_readme_fakes_example(workflow_run, monkeypatch, capsys):
