@@ -21,7 +21,7 @@ def apdb_fragment(table):
 
 def run_association_plan():
     """Cells and chain predecessors of every associated data ID (cached per registry)."""
-    path = checkpoints.ingest.get().output.exposures
+    path = ingest_output().exposures
     stamp = os.path.getmtime(path)
     if _PLAN_CACHE.get("stamp") != stamp:
         template_visits = set(config["templates"]["visits"])

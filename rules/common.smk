@@ -13,6 +13,13 @@ from apsnake.registry import (
     select_data_ids,
 )
 
+# Snakemake resolves dependencies recursively, two Python frames per job of a dependency chain:
+# at Python's default limit (1000 frames) a DAG entered at the end of an association chain of
+# more than ~480 visits (e.g. the products of the night's last visit as targets) fails with a
+# misleading "cyclic dependency" error (docs/architecture.md, association order). At 20000 frames
+# a 3000-visit chain entered at its end builds (benchmarks/bench_dryrun.py chain).
+sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
+
 OUT = config["outdir"]
 SIMULATE = config.get("simulate")
 
@@ -68,31 +75,65 @@ def bench(name):
     return f"{OUT}/benchmarks/{name}.tsv"
 
 
+# The registry tables and what is derived from them, read once per version of each file:
+# the input functions below run for every job while the DAG is built (tens of thousands of
+# calls for a whole night; benchmarks/bench_dryrun.py). {path: (mtime_ns, table, {name: value})}
+_REGISTRY_CACHE = {}
+
+
+def registry_table(path, derived=None, build=None):
+    """A registry table (pandas, shared: never modify it), or ``build(table)`` cached under the
+    name ``derived``; re-read when the file changes."""
+    path = str(path)
+    stamp = os.stat(path).st_mtime_ns
+    entry = _REGISTRY_CACHE.get(path)
+    if entry is None or entry[0] != stamp:
+        entry = _REGISTRY_CACHE[path] = (stamp, read_table(path), {})
+    if derived is None:
+        return entry[1]
+    if derived not in entry[2]:
+        entry[2][derived] = build(entry[1])
+    return entry[2][derived]
+
+
+_INGESTED = []
+
+
+def ingest_output():
+    """The outputs of the ingest checkpoint; raises Snakemake's IncompleteCheckpointException
+    until it has run. Once done it stays done for this process (Snakemake's set of created
+    checkpoint outputs only grows), so the answer is kept: `get()` costs ~0.3 ms per call."""
+    if not _INGESTED:
+        _INGESTED.append(checkpoints.ingest.get().output)
+    return _INGESTED[0]
+
+
 def registered_exposures():
     """The exposures table; waits for the ingest checkpoint."""
-    return read_table(checkpoints.ingest.get().output.exposures)
+    return registry_table(ingest_output().exposures)
 
 
 def science_data_ids():
     """(visit, detector) pairs selected by the `visits` and `detectors` config keys."""
-    return select_data_ids(
-        registered_exposures(), visits=config["visits"], detectors=config["detectors"]
-    )
+    return list(registry_table(
+        ingest_output().exposures, "science_data_ids",
+        lambda table: select_data_ids(table, visits=config["visits"], detectors=config["detectors"]),
+    ))
 
 
 def exposure_row(wildcards):
-    """The registry row of one data ID (visit, detector)."""
-    table = registered_exposures()
-    rows = table[
-        (table["visit"] == int(wildcards.visit))
-        & (table["detector"] == int(wildcards.detector))
-    ]
-    if rows.empty:
+    """The registry row of one data ID (visit, detector), as a dict."""
+    rows = registry_table(
+        ingest_output().exposures, "rows",
+        lambda table: {(int(r["visit"]), int(r["detector"])): r for r in table.to_dict("records")},
+    )
+    row = rows.get((int(wildcards.visit), int(wildcards.detector)))
+    if row is None:
         raise ValueError(
             f"data ID (visit={wildcards.visit}, detector={wildcards.detector}) is not in "
             f"{REGISTRY['exposures']}"
         )
-    return rows.iloc[0]
+    return row
 
 
 def product(name, ext="fits"):

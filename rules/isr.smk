@@ -1,14 +1,13 @@
 # ISR: raw CCD + bias + flat (+ BPM, + crosstalk sources in the same raw file) -> postISR.
 
-from apsnake.registry import CalibrationNotFound, select_calibrations
+from apsnake.registry import CalibrationNotFound, CalibrationSelector
 
 
 def isr_calibrations(wildcards):
     """Calibration choice for a data ID; a missing one becomes an error of that job only."""
+    selector = registry_table(ingest_output().calibs, "selector", CalibrationSelector)
     try:
-        chosen = select_calibrations(
-            read_table(checkpoints.ingest.get().output.calibs), exposure_row(wildcards)
-        )
+        chosen = selector.select(exposure_row(wildcards))
     except CalibrationNotFound as err:
         return {"error": str(err)}
     out = {"error": ""}

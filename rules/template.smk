@@ -18,37 +18,43 @@ def patches_of(row):
     )
 
 
-def template_rows():
-    table = registered_exposures()
-    return table[
-        table["visit"].isin(TEMPLATE_VISITS) & (table["observation_type"] == "science")
-    ]
+def _template_calexps_by_patch(table):
+    """{(band, patch): calexps of the template data IDs touching the patch, in table order}."""
+    index = {}
+    rows = table[table["visit"].isin(TEMPLATE_VISITS) & (table["observation_type"] == "science")]
+    for r in rows.to_dict("records"):
+        calexp = product("calexp").format(visit=r["visit"], detector=f"{int(r['detector']):02d}")
+        for patch in patches_of(r):
+            index.setdefault((r["band"], patch), []).append(calexp)
+    return index
+
+
+def template_calexps_by_patch():
+    """The template index, built once per registry (the DAG asks for it per data ID)."""
+    return registry_table(
+        ingest_output().exposures, "template_calexps_by_patch", _template_calexps_by_patch
+    )
 
 
 def coadd_inputs(wildcards):
-    rows = template_rows()
-    rows = rows[rows["band"] == wildcards.band]
-    return [
-        product("calexp").format(visit=r["visit"], detector=f"{int(r['detector']):02d}")
-        for _, r in rows.iterrows()
-        if wildcards.patch in patches_of(r)
-    ]
+    return list(template_calexps_by_patch().get((wildcards.band, wildcards.patch), []))
 
 
 def template_inputs(wildcards):
     """Coadd patches under the data ID (mode coadd), or the template visits' calexps that
-    share a patch with it (mode single)."""
+    share a patch with it (mode single), in registry order."""
     row = exposure_row(wildcards)
-    patches = set(patches_of(row))
+    patches = sorted(set(patches_of(row)))
     if config["templates"]["mode"] == "single":
-        rows = template_rows()
-        rows = rows[rows["band"] == row["band"]]
-        return [
-            product("calexp").format(visit=r["visit"], detector=f"{int(r['detector']):02d}")
-            for _, r in rows.iterrows()
-            if patches & set(patches_of(r))
-        ]
-    return [f"{OUT}/coadd/{row['band']}/{patch}.fits" for patch in sorted(patches)]
+        index = template_calexps_by_patch()
+        found = {c for patch in patches for c in index.get((row["band"], patch), [])}
+        order = registry_table(
+            ingest_output().exposures, "calexp_order",
+            lambda table: {product("calexp").format(visit=v, detector=f"{int(d):02d}"): i
+                           for i, (v, d) in enumerate(zip(table["visit"], table["detector"]))},
+        )
+        return sorted(found, key=order.__getitem__)
+    return [f"{OUT}/coadd/{row['band']}/{patch}.fits" for patch in patches]
 
 
 rule coadd:

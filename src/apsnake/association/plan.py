@@ -9,7 +9,8 @@ visit in every cell it touches. Data IDs that share no cell associate in paralle
 the detectors of one visit: they do not overlap on the sky, so no position is seen by two of
 them and they can never share a DiaObject (``apdb.load_history`` does not read them either).
 Chaining them would also serialise a whole focal plane and make the DAG as deep as visits x
-detectors (Snakemake fails beyond ~480 chained jobs); it is as deep as the visits instead.
+detectors (Snakemake recurses two frames per chained job: rules/common.smk raises Python's
+limit, but depth still costs); it is as deep as the visits instead.
 
 Everything here works from the registry (footprint corners from the raw header WCS), so the
 order is known before any job runs.
@@ -17,6 +18,7 @@ order is known before any job runs.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +31,7 @@ DEFAULT_ORDER = 9
 DEFAULT_PAD_ARCSEC = 60.0
 
 
+@functools.lru_cache(maxsize=None)
 def _healpix(order: int):
     from astropy_healpix import HEALPix
 
@@ -37,6 +40,7 @@ def _healpix(order: int):
     return HEALPix(nside=2 ** int(order), order="nested")
 
 
+@functools.lru_cache(maxsize=None)
 def cell_size_arcsec(order: int) -> float:
     """Typical side of a cell at ``order`` (square root of its area), arcsec."""
     return float(_healpix(order).pixel_resolution.to_value("arcsec"))

@@ -1,0 +1,206 @@
+"""DAG scale: time and peak memory of `snakemake -n` on large synthetic registries (issue 14).
+
+    python benchmarks/bench_dryrun.py [wide|chain|all] [--visits N] [--detectors N] [--keep DIR]
+
+``wide``: the whole focal plane (62 CCDs) x 100 visits: 10 fields of 10 dithered visits each,
+the first visit of each field a template visit (6,200 data IDs, 5,580 of them differenced and
+associated, ~40,000 jobs). ``chain``: 300 visits of one pointing on 2 CCDs, the first a template
+visit: every association waits for the previous visit's, a chain 299 deep (docs/architecture.md,
+association order).
+
+No pixels and no headers: the script writes the three Parquet tables of the `ingest` checkpoint
+(``apsnake.registry`` columns) with footprints from the DECam focal-plane layout, empty
+placeholder raw, calibration and refcat files (the DAG only checks that they exist) and a config
+(``simulate: null``) pointing at them, touches the registry after its inputs so that the
+checkpoint counts as done, then runs ``snakemake -n`` under ``/usr/bin/time -v`` (wall time, peak
+RSS of the Snakemake process) and reads the job counts from its "Job stats" table. Target:
+<= 30 s and < 2 GB for ``wide``; ``chain`` must not fail on recursion depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from apsnake.instruments import decam  # noqa: E402
+from apsnake.registry import CALIB_COLUMNS, EXPOSURE_COLUMNS, REJECTED_COLUMNS  # noqa: E402
+
+ARCSEC_PER_MM = 0.263 / 0.015  # DECam plate scale: 0.263 arcsec per 15 um pixel
+CCD_W_MM, CCD_H_MM = 2048 * 0.015, 4096 * 0.015  # trimmed CCD; the long side along focal-plane y
+VISIT0, MJD0 = 900000, 61000.05
+
+
+def _ccd_corners(ra0: float, dec0: float, ccd: decam.CcdInfo) -> list[tuple[float, float]]:
+    """(ra, dec) of the ll, lr, ur, ul corners of a CCD for a boresight (flat-sky approximation)."""
+    corners = []
+    for sx, sy in ((-1, -1), (1, -1), (1, 1), (-1, 1)):
+        x = (ccd.x_mm + sx * CCD_W_MM / 2) * ARCSEC_PER_MM / 3600
+        y = (ccd.y_mm + sy * CCD_H_MM / 2) * ARCSEC_PER_MM / 3600
+        corners.append((ra0 + x / np.cos(np.radians(dec0 + y)), dec0 + y))
+    return corners
+
+
+def make_registry(folder: Path, pointings: list[tuple[float, float]], detectors: list[int]) -> dict:
+    """Registry tables + placeholder inputs for one visit per pointing; returns the paths."""
+    raw_dir, calib_dir, reg_dir = folder / "raw", folder / "calib", folder / "out" / "registry"
+    for d in (raw_dir, calib_dir, reg_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (ra0, dec0) in enumerate(pointings):
+        visit, mjd = VISIT0 + i, MJD0 + i * 90 / 86400  # one exposure every 90 s
+        raw = raw_dir / f"c4d_{visit}_ori.fits.fz"
+        raw.touch()
+        for hdu, det in enumerate(detectors, start=1):
+            ccd = decam.ccd_info(det)
+            corners = _ccd_corners(ra0, dec0, ccd)
+            row = {
+                "visit": visit, "detector": det, "detector_name": ccd.name, "observation_type": "science",
+                "band": "g", "physical_filter": "g DECam SDSS c0001 4720.0 1520.0", "mjd_mid_tai": mjd,
+                "date_obs_utc": "2026-01-01T00:00:00", "exposure_time": 60.0, "airmass": 1.2,
+                "boresight_ra": ra0, "boresight_dec": dec0,
+                "ra_center": float(np.mean([c[0] for c in corners])),
+                "dec_center": float(np.mean([c[1] for c in corners])),
+                "object_name": "synthetic", "raw_path": str(raw), "hdu": hdu,
+            }
+            for (ra, dec), name in zip(corners, ("ll", "lr", "ur", "ul")):
+                row[f"ra_{name}"], row[f"dec_{name}"] = ra, dec
+            rows.append(row)
+    exposures = pd.DataFrame(rows, columns=EXPOSURE_COLUMNS).astype({"visit": "int64", "detector": "int64", "hdu": "int64"})
+    calib_rows = []
+    for kind, band in (("bias", None), ("flat", "g")):
+        path = calib_dir / f"{kind}.fits"
+        path.touch()
+        for hdu, det in enumerate(detectors, start=1):
+            calib_rows.append({"calib_type": kind, "band": band, "physical_filter": None, "mjd": MJD0 - 0.5,
+                               "date_obs_utc": "2026-01-01T00:00:00", "detector": det, "path": str(path), "hdu": hdu})
+    calibs = pd.DataFrame(calib_rows, columns=CALIB_COLUMNS).astype({"detector": "int64", "hdu": "int64"})
+    refcat = folder / "refcat.parquet"
+    refcat.touch()
+    time.sleep(0.05)  # the registry must be newer than every input of the checkpoint
+    exposures.to_parquet(reg_dir / "exposures.parquet")
+    calibs.to_parquet(reg_dir / "calibs.parquet")
+    pd.DataFrame([], columns=REJECTED_COLUMNS).to_parquet(reg_dir / "rejected.parquet")
+    return {"raw": raw_dir, "calibs": calib_dir, "refcat": refcat, "outdir": folder / "out"}
+
+
+def wide_pointings(n_visits: int, n_fields: int = 10) -> tuple[list, list]:
+    """n_visits visits over n_fields fields 2.5 deg apart, dithered by up to 0.05 deg; the first
+    visit of each field is a template visit."""
+    rng = np.random.default_rng(14)
+    pointings, templates = [], []
+    per_field = max(n_visits // n_fields, 1)
+    for i in range(n_visits):
+        field = min(i // per_field, n_fields - 1)
+        ra0, dec0 = 30.0 + 2.5 * (field % 5), -20.0 + 2.5 * (field // 5)
+        pointings.append((ra0 + rng.uniform(-0.05, 0.05), dec0 + rng.uniform(-0.05, 0.05)))
+        if i % per_field == 0 and i // per_field < n_fields:
+            templates.append(VISIT0 + i)
+    return pointings, templates
+
+
+def job_stats(text: str) -> dict[str, int]:
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() == "Job stats:":
+            table = {}
+            for row in lines[i + 3:]:
+                parts = row.split()
+                if len(parts) != 2:
+                    break
+                table[parts[0]] = int(parts[1])
+            return table
+    return {}
+
+
+def dry_run(folder: Path, paths: dict, templates: list[int], targets: list[str] = ()) -> dict:
+    config = {"simulate": None, "raw": str(paths["raw"]), "calibs": str(paths["calibs"]),
+              "refcat": str(paths["refcat"]), "outdir": str(paths["outdir"]), "templates": {"visits": templates}}
+    config_path = folder / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    shutil.rmtree(folder / ".snakemake", ignore_errors=True)
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+           "--directory", str(folder), "--configfile", str(config_path), "--cores", "1", "-n", *targets,
+           "--quiet", "rules"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    wall = time.perf_counter() - t0
+    text = proc.stdout + proc.stderr
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([0-9.]+)", text))
+    stats = job_stats(text)
+    return {"ok": proc.returncode == 0 and "total" in stats, "wall_s": wall, "cpu_s": cpu,
+            "peak_rss_mb": int(rss.group(1)) / 1024 if rss else float("nan"),
+            "jobs": stats, "tail": "" if proc.returncode == 0 else text[-3000:]}
+
+
+def run_case(name: str, n_visits: int, detectors: list[int], keep: Path | None) -> dict:
+    folder = Path(tempfile.mkdtemp(prefix=f"bench_dryrun_{name}_", dir=keep))
+    try:
+        if name == "wide":
+            pointings, templates = wide_pointings(n_visits)
+        else:
+            pointings, templates = [(150.0, 2.2)] * n_visits, [VISIT0]
+        t0 = time.perf_counter()
+        paths = make_registry(folder, pointings, detectors)
+        setup = time.perf_counter() - t0
+        results = [dry_run(folder, paths, templates)]
+        if name == "chain":
+            # The DAG entered at the end of the chain: Snakemake then resolves the whole chain
+            # recursively (the full night's targets are in time order, which keeps it shallow).
+            last = f"{paths['outdir']}/alerts/{VISIT0 + n_visits - 1}/alerts_{VISIT0 + n_visits - 1}_{detectors[0]:02d}.avro"
+            results.append(dry_run(folder, paths, templates, [last]))
+            results[-1]["target"] = "the last visit's alerts"
+        for result in results:
+            result.update(case=name, visits=n_visits, detectors=len(detectors), data_ids=n_visits * len(detectors),
+                          setup_s=setup, folder=str(folder))
+        return results
+    finally:
+        if keep is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("case", nargs="?", default="all", choices=("wide", "chain", "all"))
+    parser.add_argument("--visits", type=int, help="visits (default: wide 100, chain 300)")
+    parser.add_argument("--detectors", type=int, help="CCDs per visit (default: wide 62, chain 2)")
+    parser.add_argument("--keep", type=Path, help="make the scratch folders under DIR and keep them")
+    args = parser.parse_args()
+    cases = ("wide", "chain") if args.case == "all" else (args.case,)
+    print(f"load average before: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
+    for case in cases:
+        n_visits = args.visits or (100 if case == "wide" else 300)
+        n_det = args.detectors or (62 if case == "wide" else 2)
+        detectors = list(decam.SCIENCE_CCDNUMS[:n_det]) if case == "wide" else [28, 35][:n_det] + list(
+            d for d in decam.SCIENCE_CCDNUMS if d not in (28, 35))[: max(n_det - 2, 0)]
+        results = run_case(case, n_visits, detectors, args.keep)
+        r = results[0]
+        print(f"\n{case}: {r['visits']} visits x {r['detectors']} CCDs = {r['data_ids']} data IDs "
+              f"(registry written in {r['setup_s']:.1f} s)")
+        for r in results:
+            total = r["jobs"].get("total", 0)
+            print(f"  snakemake -n ({r.get('target', 'the whole night')}): {'ok' if r['ok'] else 'FAILED'}, "
+                  f"{total} jobs, {r['wall_s']:.1f} s ({r['cpu_s']:.1f} s CPU), peak RSS {r['peak_rss_mb']:.0f} MB")
+            print("    jobs: " + ", ".join(f"{k} {v}" for k, v in r["jobs"].items() if k != "total"))
+            if not r["ok"]:
+                print(r["tail"])
+        if args.keep:
+            print(f"  kept: {r['folder']}")
+
+
+if __name__ == "__main__":
+    main()
