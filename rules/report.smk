@@ -5,9 +5,9 @@
 
 
 def qa_fake_tables(wildcards=None):
-    """The fake tables of the night: rules/fakes.smk's data-ID subset (``fake_data_ids``, empty
-    when fakes.fraction is 0); none when that file is not included."""
-    return fake_data_ids() if "fake_data_ids" in globals() else []
+    """The fake tables of the night: rules/fakes.smk's data-ID subset (empty when
+    fakes.fraction is 0)."""
+    return fake_data_ids()
 
 
 def qa_products(name, ext="fits"):

@@ -5,6 +5,7 @@ projection).
 """
 
 import numpy as np
+import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from apsnake.sphere import (angle_between_vectors, angular_separation_deg, gnomonic, inverse_gnomonic,
@@ -187,3 +188,18 @@ def test_mean_direction_of_one_point_and_2d_input():
     ra = np.array([[10.0, 20.0], [10.0, 20.0]])
     dec = np.array([[0.0, 0.0], [0.0, 0.0]])
     assert_allclose(mean_direction(ra, dec), (15.0, 0.0), atol=1e-10)
+
+
+def test_pixel_scale_of_a_tan_wcs():
+    from astropy.wcs import WCS
+
+    from apsnake.sphere import pixel_scale_arcsec
+
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval = [150.0, -30.0]
+    wcs.wcs.crpix = [1024.5, 2048.5]
+    wcs.wcs.cd = [[-0.263 / 3600, 0.0], [0.0, 0.263 / 3600]]
+    assert pixel_scale_arcsec(wcs, (4096, 2048)) == pytest.approx(0.263, rel=1e-6)
+    wcs.wcs.cd = [[-0.263 / 3600, 0.0], [0.0, 0.5 * 0.263 / 3600]]  # non-square pixels: the mean
+    assert pixel_scale_arcsec(wcs, (4096, 2048)) == pytest.approx(0.263 * np.sqrt(0.5), rel=1e-6)

@@ -21,6 +21,7 @@ from apsnake.errors import ApsnakeError
 from apsnake.exposure import Exposure, PhotoCalib
 from apsnake.isr import interpolate_rows
 from apsnake.numerics import SIGMA_TO_FWHM
+from apsnake.sphere import pixel_scale_arcsec
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,6 @@ class CalibrateConfig:
     astrometry: astrometry.AstrometryConfig = field(default_factory=astrometry.AstrometryConfig)
     photometry: photometry.PhotometryConfig = field(default_factory=photometry.PhotometryConfig)
     colorterm: tuple | None = None
-
-
-def _pixel_scale_arcsec(wcs, shape) -> float:
-    """Mean pixel scale (arcsec) at the image centre, from the WCS."""
-    ny, nx = shape
-    ra, dec = wcs.all_pix2world([nx / 2, nx / 2 + 1, nx / 2], [ny / 2, ny / 2, ny / 2 + 1], 0)
-    cosd = np.cos(np.radians(dec[0]))
-    dx = np.hypot((ra[1] - ra[0]) * cosd, dec[1] - dec[0])
-    dy = np.hypot((ra[2] - ra[0]) * cosd, dec[2] - dec[0])
-    return float(np.sqrt(dx * dy) * 3600.0)
 
 
 @dataclass
@@ -234,7 +225,7 @@ def calibrate_exposure(post_isr: Exposure, refcat, config: CalibrateConfig | Non
     sky_noise_njy = float(np.std(exp.image[good_sky][:: max(1, int(good_sky.sum() // 500_000))]))
     meta = {
         "visit": visit, "detector": detector,
-        "fwhm_pixels": fwhm_centre, "fwhm_arcsec": fwhm_centre * _pixel_scale_arcsec(astro.wcs, exp.shape),
+        "fwhm_pixels": fwhm_centre, "fwhm_arcsec": fwhm_centre * pixel_scale_arcsec(astro.wcs, exp.shape),
         "n_sources": int(len(sources)), "n_psf_stars": int(chosen.sum()), "n_cosmic_ray_pixels": int(crs.sum()),
         "n_astrometry_matches": int(astro.n_matches), "astrometry_rms_mas": float(astro.rms_mas),
         "pointing_offset_arcsec": [float(v) for v in astro.offset_arcsec], "rotation_deg": float(astro.rotation_deg),

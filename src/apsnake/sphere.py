@@ -79,3 +79,15 @@ def inverse_gnomonic(xi, eta, ra0, dec0) -> tuple[np.ndarray, np.ndarray]:
     ra = ra0 + np.degrees(np.arctan2(x, den))
     dec = np.degrees(np.arctan2(math.sin(d0) + y * math.cos(d0), np.hypot(x, den)))
     return np.mod(ra, 360.0), dec
+
+
+def pixel_scale_arcsec(wcs, shape) -> float:
+    """Mean pixel scale (arcsec) at the centre of an image of ``shape`` (rows, columns), from
+    its WCS (``all_pix2world``: SIP distortion included): the square root of the area of the
+    sky parallelogram spanned by one-pixel steps along x and y."""
+    ny, nx = shape
+    ra, dec = wcs.all_pix2world([nx / 2, nx / 2 + 1, nx / 2], [ny / 2, ny / 2, ny / 2 + 1], 0)
+    cosd = np.cos(np.radians(dec[0]))
+    dx = np.hypot((ra[1] - ra[0]) * cosd, dec[1] - dec[0])
+    dy = np.hypot((ra[2] - ra[0]) * cosd, dec[2] - dec[0])
+    return float(np.sqrt(dx * dy) * 3600.0)

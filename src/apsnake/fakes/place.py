@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from apsnake.fakes.config import FakesConfig
+from apsnake.numerics import dilate
 
 _TRIES_PER_FAKE = 50  # random candidates drawn per wanted fake before giving up
 
@@ -31,14 +32,8 @@ class Placement:
 
 def allowed_pixels(difference, config: FakesConfig) -> np.ndarray:
     """Boolean image: pixels a fake's centre may be rounded to (see the module docstring)."""
-    bad = difference.bad_pixels(config.bad_planes)
-    grown = bad.copy()  # 3x3 dilation by shifts: the pixels that decide the drop rules
-    grown[1:, :] |= bad[:-1, :]
-    grown[:-1, :] |= bad[1:, :]
-    row = grown.copy()
-    grown[:, 1:] |= row[:, :-1]
-    grown[:, :-1] |= row[:, 1:]
-    ok = ~grown
+    # 3x3: the centre pixels that decide the DIA drop rules
+    ok = ~dilate(difference.bad_pixels(config.bad_planes), 1, footprint="square")
     m = int(config.edge_margin)
     ny, nx = ok.shape
     ok[:min(m + 1, ny), :] = False

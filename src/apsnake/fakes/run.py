@@ -14,10 +14,9 @@ from apsnake.fakes.inject import expected_snr_sigma, render_fakes
 from apsnake.fakes.match import match_fakes
 from apsnake.fakes.place import Placement, place_fakes
 from apsnake.ids import dia_source_ids
+from apsnake.photometry import AB_NJY_ZERO_POINT
 
 log = logging.getLogger(__name__)
-
-AB_ZERO_POINT_NJY = 31.4  # mag = -2.5 log10(flux / nJy) + 31.4
 
 
 @dataclass
@@ -77,7 +76,7 @@ def fake_table(difference, placement: Placement, flux, snr, index=None, separati
             values = np.asarray(dia_sources.column(name).to_numpy(zero_copy_only=False), float)
             cols[name][found] = values[rows]
     with np.errstate(divide="ignore", invalid="ignore"):
-        mag = -2.5 * np.log10(flux) + AB_ZERO_POINT_NJY
+        mag = -2.5 * np.log10(flux) + AB_NJY_ZERO_POINT
     data = {
         "fakeId": dia_source_ids(visit, detector, n), "visit": np.full(n, visit, np.int64),
         "detector": np.full(n, detector, np.int64), "band": np.array([vi.band or None] * n, dtype=object),

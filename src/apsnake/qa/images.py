@@ -1,6 +1,6 @@
 """Pixels for the night report: downsampled thumbnails and small cutouts of product images.
 
-Images are opened as memory maps, so a cutout reads only its own pixels.
+Images are read with ``read_exposure(memmap=True)``, so a cutout reads only its own pixels.
 """
 
 from __future__ import annotations
@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
+from apsnake.exposure import read_exposure
+
 
 def thumbnail(path: str | Path, factor: int = 16) -> np.ndarray:
     """The IMAGE plane of an Exposure FITS averaged over ``factor`` x ``factor`` blocks
     (a full DECam CCD, 4096 x 2048, becomes 256 x 128 at the default)."""
-    from astropy.io import fits
-
-    with fits.open(path, memmap=True) as hdul:
-        image = np.asarray(hdul["IMAGE"].data, np.float32)
+    image = np.asarray(read_exposure(path, memmap=True).image, np.float32)
     ny, nx = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
     if ny == 0 or nx == 0:
         return image.astype(float)
@@ -28,19 +27,16 @@ def thumbnail(path: str | Path, factor: int = 16) -> np.ndarray:
 def cutout(path: str | Path, x: float, y: float, half: int = 20) -> np.ndarray | None:
     """The (2 half + 1)^2 pixels of an Exposure FITS's IMAGE centred on pixel (x, y) (0-based),
     NaN beyond the CCD; None if the file does not exist."""
-    from astropy.io import fits
-
     path = Path(path)
     if not path.exists():
         return None
     size = 2 * half + 1
     out = np.full((size, size), np.nan)
     ix, iy = int(round(float(x))), int(round(float(y)))
-    with fits.open(path, memmap=True) as hdul:
-        hdu = hdul["IMAGE"]
-        ny, nx = int(hdu.header["NAXIS2"]), int(hdu.header["NAXIS1"])
-        x0, x1 = max(ix - half, 0), min(ix + half + 1, nx)
-        y0, y1 = max(iy - half, 0), min(iy + half + 1, ny)
-        if x0 < x1 and y0 < y1:
-            out[y0 - (iy - half):y1 - (iy - half), x0 - (ix - half):x1 - (ix - half)] = hdu.section[y0:y1, x0:x1]
+    image = read_exposure(path, memmap=True).image
+    ny, nx = image.shape
+    x0, x1 = max(ix - half, 0), min(ix + half + 1, nx)
+    y0, y1 = max(iy - half, 0), min(iy + half + 1, ny)
+    if x0 < x1 and y0 < y1:
+        out[y0 - (iy - half):y1 - (iy - half), x0 - (ix - half):x1 - (ix - half)] = image[y0:y1, x0:x1]
     return out

@@ -1,25 +1,24 @@
 """One data ID's QA numbers, read from its products.
 
-Only what is needed is read: the calexp's primary and IMAGE headers (calibration cards, WCS),
-its PSF HDU and a small box of its VARIANCE plane at the CCD centre (memory-mapped); the
-diffexp JSON; two columns of the diaSrc table; the fake table.
+Only what is needed is read: the calexp through ``read_exposure(memmap=True)`` (headers, WCS,
+PSF model, and of its pixels only a small box of the VARIANCE plane at the CCD centre); the
+diffexp JSON; one column of the diaSrc table; the fake table.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from apsnake.completeness import fit_completeness
-from apsnake.exposure import PsfModel
+from apsnake.exposure import read_exposure
 from apsnake.numerics import mad_sigma
+from apsnake.photometry import AB_NJY_ZERO_POINT
+from apsnake.sphere import pixel_scale_arcsec
 
-#: AB magnitude of 1 nJy.
-AB_NJY_ZERO_POINT = 31.4
 #: Half side of the central box whose median variance is used for the limiting magnitude, px.
 DEPTH_BOX_HALF = 32
 
@@ -46,19 +45,6 @@ def magnitude(flux_njy) -> float:
     return -2.5 * math.log10(flux) + AB_NJY_ZERO_POINT if flux > 0 and math.isfinite(flux) else float("nan")
 
 
-def _pixel_scale_arcsec(image_header) -> float:
-    """Pixel scale at the WCS reference point, arcsec (sqrt of the Jacobian determinant)."""
-    from astropy.wcs import FITSFixedWarning, WCS
-    from astropy.wcs.utils import proj_plane_pixel_area
-
-    if "CTYPE1" not in image_header:
-        return float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        wcs = WCS(image_header).celestial
-    return float(math.sqrt(proj_plane_pixel_area(wcs)) * 3600.0)
-
-
 def _number(header, key) -> float:
     value = header.get(key)
     try:
@@ -75,38 +61,31 @@ def calexp_metrics(path: str | Path, nsigma: float = 5.0) -> dict:
     astrometry_rms_mas, limiting_mag (``nsigma`` PSF detection at the CCD centre, AB).
     The pixels read are the PSF HDU and a 64 x 64 box of the VARIANCE plane.
     """
-    from astropy.io import fits
-
-    with fits.open(path, memmap=True) as hdul:
-        primary = hdul[0].header
-        image_header = hdul["IMAGE"].header
-        ny, nx = int(image_header["NAXIS2"]), int(image_header["NAXIS1"])
-        xc, yc = (nx - 1) / 2.0, (ny - 1) / 2.0
-        limiting = float("nan")
-        names = [h.name for h in hdul]
-        if "PSF" in names and "VARIANCE" in names:
-            h = hdul["PSF"].header
-            psf = PsfModel(components=np.array(hdul["PSF"].data, np.float32), spatial_order=int(h["PSFORDER"]),
-                           x0=float(h["PSFX0"]), y0=float(h["PSFY0"]), scale=float(h["PSFSCALE"]))
-            half = DEPTH_BOX_HALF
-            iy, ix = int(round(yc)), int(round(xc))
-            box = np.asarray(hdul["VARIANCE"].section[max(iy - half, 0):iy + half, max(ix - half, 0):ix + half],
-                             float)
-            good = box[np.isfinite(box) & (box > 0)]
-            if good.size:
-                # The median: a star or cosmic ray in the box must not change the depth.
-                flux = limiting_flux(psf.evaluate(xc, yc), float(np.median(good)), nsigma)
-                calibration = _number(primary, "PHOTCALB")
-                limiting = magnitude(flux * (calibration if math.isfinite(calibration) else 1.0))
-    fwhm = _number(primary, "FWHM")
+    calexp = read_exposure(path, memmap=True)
+    meta, info = calexp.metadata, calexp.visit_info
+    ny, nx = calexp.shape
+    xc, yc = (nx - 1) / 2.0, (ny - 1) / 2.0
+    limiting = float("nan")
+    if calexp.psf is not None:
+        half = DEPTH_BOX_HALF
+        iy, ix = int(round(yc)), int(round(xc))
+        box = np.asarray(calexp.variance[max(iy - half, 0):iy + half, max(ix - half, 0):ix + half], float)
+        good = box[np.isfinite(box) & (box > 0)]
+        if good.size:
+            # The median: a star or cosmic ray in the box must not change the depth.
+            flux = limiting_flux(calexp.psf.evaluate(xc, yc), float(np.median(good)), nsigma)
+            calibration = calexp.photo_calib.calibration if calexp.photo_calib is not None else 1.0
+            limiting = magnitude(flux * calibration)
+    fwhm = _number(meta, "FWHM")
+    scale = pixel_scale_arcsec(calexp.wcs, calexp.shape) if calexp.wcs is not None else float("nan")
     return {
-        "band": str(primary.get("BAND", "")).strip(),
-        "midpointMjdTai": _number(primary, "MJD-MID"),
+        "band": str(info.band or "").strip(),
+        "midpointMjdTai": float(info.mjd_mid_tai) if info.mjd_mid_tai is not None else float("nan"),
         "fwhm_pix": fwhm,
-        "seeing_arcsec": fwhm * _pixel_scale_arcsec(image_header),
-        "zero_point_mag": _number(primary, "ZP"),
-        "sky_level_adu": _number(primary, "SKYLEV"),
-        "astrometry_rms_mas": _number(primary, "ASTRMS"),
+        "seeing_arcsec": fwhm * scale,
+        "zero_point_mag": _number(meta, "ZP"),
+        "sky_level_adu": _number(meta, "SKYLEV"),
+        "astrometry_rms_mas": _number(meta, "ASTRMS"),
         "limiting_mag": limiting,
     }
 
