@@ -572,16 +572,24 @@ def test_core_beta_differs_between_visits():
 
 
 def test_rendered_flux_is_conserved_halo_included():
-    """A bright star's (and a bright galaxy's) stamp reaches the halo's 0.3 e-/pixel edge and
-    holds its flux to 0.1 %; a faint star loses under 2 % (the halo below the sky noise)."""
+    """A bright star (and a bright galaxy) holds its flux to 0.1 %; a faint star loses under
+    2 % (the core's wing below 0.3 e-/pixel) but keeps its whole halo: the light it puts beyond
+    40 px is the halo's share of it whatever the star's brightness (cutting halos at a surface
+    brightness took most of a faint star's halo away and biased every halo fit)."""
     from apsnake.sim import render
 
     v = _test_visits()[-1]
     psf = v.psf_field(25)
-    _, total = _render_star(psf, flux=1e7)
+    bright, total = _render_star(psf, flux=1e7)
     assert total == pytest.approx(1.0, abs=0.001)
-    _, faint = _render_star(psf, flux=1e4)
-    assert 0.98 < faint < 1.0
+    faint, faint_total = _render_star(psf, flux=1e4)
+    assert 0.98 < faint_total < 1.0
+    share = psf.halo_fraction_at(np.array([1023.0]), np.array([2047.0]))[0]
+    # (the stamps of _render_star end 150 px out)
+    expected = share * (render.moffat_fraction_outside(40.0, psf.halo_alpha_px, 2.0)
+                        - render.moffat_fraction_outside(150.0, psf.halo_alpha_px, 2.0))
+    assert _fraction_beyond(faint, 40) == pytest.approx(expected, rel=0.05)
+    assert expected < _fraction_beyond(bright, 40) < 1.15 * expected  # plus the core's far wing
     image = np.zeros(decam.TRIMMED_SHAPE, np.float32)
     render.render_galaxies(image, [1023.0], [2047.0], [1e7], [3.0], [1.0], [0.6], [0.4], psf)
     assert image.sum(dtype=np.float64) / 1e7 == pytest.approx(1.0, abs=0.002)

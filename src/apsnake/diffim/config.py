@@ -89,8 +89,9 @@ class DiffimConfig:
         At most this many wide terms (widths doubling from twice the widest core Gaussian).
     halo_fit_min_snr : float
         The halo terms are fitted around sources at least this bright (S/N): a few-per-cent
-        halo 40 px out is measurable only around bright stars (fainter ones add noise and, on
-        our simulated nights, whose stamps are cut below 0.3 e-/pixel, a bias towards no halo).
+        halo 40 px out is measurable only around bright stars (fainter ones add noise and pull
+        the terms towards no halo; S/N 50 doubled the false detections near bright stars on the
+        simulated nights, benchmarks/README.md).
     halo_fit_max_stars : int
         At most this many of them (the brightest).
     halo_rings : int

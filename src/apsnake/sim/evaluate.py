@@ -286,6 +286,11 @@ def summarise(results: list[dict]) -> dict:
         if (truth["kind"] == "asteroid").any() else float("nan"),
     }
     out["n_pull_true_snr_ge_8"] = int((m.loc[pull.index, "true_snr"] >= 8).sum())
+    # The median's own noise (sqrt(pi / 2) sigma / sqrt(n) for a normal sample): a night of ~100
+    # sources measures the median pull to ~0.1 only.
+    out["pull_median_true_snr_ge_8_err"] = (float(np.sqrt(np.pi / 2) * out["pull_scatter_true_snr_ge_8"]
+                                                  / np.sqrt(out["n_pull_true_snr_ge_8"]))
+                                            if out["n_pull_true_snr_ge_8"] else float("nan"))
 
     # False detections by class (issue 11): exclusive, first class that applies.
     if "false_class" in sources:

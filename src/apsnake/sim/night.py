@@ -111,7 +111,8 @@ def simulate_ccd(night: NightModel, visit: observing.VisitConditions, ccdnum: in
 
     static = stars[stars["variable_object_id"] < 0]
     sel, x, y = _sources_on_ccd(geometry, visit, ccdnum, static["ra"].to_numpy(), static["dec"].to_numpy())
-    render.render_points(image, x, y, static[flux_col].to_numpy()[sel] * e_per_njy, psf)
+    halo = render.HaloLight(image.shape, psf)
+    render.render_points(image, x, y, static[flux_col].to_numpy()[sel] * e_per_njy, psf, halo)
     n_stars = len(sel)
 
     sel, x, y = _sources_on_ccd(geometry, visit, ccdnum, galaxies["ra"].to_numpy(), galaxies["dec"].to_numpy())
@@ -120,7 +121,7 @@ def simulate_ccd(night: NightModel, visit: observing.VisitConditions, ccdnum: in
     render.render_galaxies(
         image, x, y, g[flux_col].to_numpy() * e_per_njy, g["r_half_arcsec"].to_numpy() / scale_arcsec,
         g["sersic_n"].to_numpy(), g["axis_ratio"].to_numpy(),
-        render.sky_angle_to_pixel(g["pa_deg"].to_numpy(), cd), psf)
+        render.sky_angle_to_pixel(g["pa_deg"].to_numpy(), cd), psf, halo)
     n_galaxies = len(sel)
 
     # Time-domain objects at this visit (asteroids trailed over the exposure).
@@ -142,7 +143,8 @@ def simulate_ccd(night: NightModel, visit: observing.VisitConditions, ccdnum: in
             fluxes.append(flux)
     if ras:
         sel, x, y = _sources_on_ccd(geometry, visit, ccdnum, np.array(ras), np.array(decs))
-        render.render_points(image, x, y, np.array(fluxes)[sel] * e_per_njy, psf)
+        render.render_points(image, x, y, np.array(fluxes)[sel] * e_per_njy, psf, halo)
+    halo.render_into(image)
 
     # Sky, response, dark signal of hot pixels, photon noise, cosmic rays, full well.
     image += np.float32(visit.sky_e_per_pixel)

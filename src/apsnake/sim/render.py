@@ -5,15 +5,19 @@ halo (β = 2) holding a few per cent of the flux; the core's Moffat index, the h
 width, and the FWHM and ellipticity patterns across the focal plane change from visit to
 visit. Everything (stars, galaxies, transients, asteroid trails) goes through the same PSF.
 
-Sources are drawn into square stamps whose size grows with brightness and seeing: a stamp
-reaches out to where the core, and separately the halo, falls below ``STAMP_THRESHOLD_E``, so
-only bright sources get the large stamps the halo needs. Stamps are batched by size and
-evaluated with numpy (no per-pixel Python loop), then added to the image with ``np.add.at``.
-Both PSF components carry their analytic normalisation, so a stamp holds the source's flux
-minus only what falls outside the stamp (below the threshold everywhere there). The core is
-integrated over the pixel (2x2 sub-samples); the halo, many pixels wide, is sampled at pixel
-centres. Galaxies (Sersic profiles) are convolved with the local PSF, halo included, by FFT on
-a 3x oversampled grid and integrated over pixels, in batches.
+The cores are drawn into square stamps whose size grows with brightness and seeing: a stamp
+reaches out to where the core falls below ``STAMP_THRESHOLD_E``. Stamps are batched by size and
+evaluated with numpy (no per-pixel Python loop), then added to the image with ``np.add.at``. The
+halo is not cut at a surface brightness: its share of each source's flux is deposited at the
+source's position (bilinear weights over the four nearest pixels) in one image per exposure
+(``HaloLight``), which is convolved once, by FFT, with the halo profile out to ``HALO_HALF``
+pixels, so every source, however faint, carries its whole halo, as on the sky. (Cutting each
+halo where it fell below a threshold removed a third to a half of the halo light of S/N 50-200
+stars inside 40 px, so their halos looked smaller than brighter stars' and any fit of the halo
+to them was biased.) The core is integrated over the pixel (2x2 sub-samples); the halo, many
+pixels wide, is sampled at pixel centres. Galaxies (Sersic profiles) are convolved with the
+local PSF core by FFT on a 3x oversampled grid and integrated over pixels, in batches; their
+halo is drawn as a point source's (a galaxy of a few arcsec is small next to the halo).
 
 Pixel coordinates are 0-based trimmed CCD coordinates (x = column, y = row); fluxes are
 electrons in the exposure.
@@ -28,17 +32,19 @@ import numpy as np
 
 from apsnake.instruments import decam
 
-#: Stamp half-sizes (pixels); a stamp is 2*half x 2*half with the source near its centre. The
-#: largest ones are for the halo of the brightest stars (a g = 9 star's halo reaches the
-#: threshold ~200 px out).
+#: Stamp half-sizes (pixels) of the cores; a stamp is 2*half x 2*half with the source near its
+#: centre. The largest ones are for the cores of the brightest, saturated stars.
 STAMP_HALVES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 #: Sub-pixels per pixel axis on which galaxies are drawn and convolved before being summed
 #: into pixels: a Sersic core sampled only at pixel centres changes shape with the sub-pixel
 #: position (3-4 % of the flux of an n = 4 galaxy moves between visits), which no real sky does
 #: and which a difference image would show as residuals at every galaxy.
 GALAXY_OVERSAMPLING = 3
-#: Surface brightness (e-/pixel) at which a stamp may be cut (well below the sky noise).
+#: Surface brightness (e-/pixel) at which a core's stamp may be cut (well below the sky noise).
 STAMP_THRESHOLD_E = 0.3
+#: Half-size (pixels) of the halo profile convolved with the deposited halo light: a beta = 2
+#: halo of 6" FWHM (the widest drawn) keeps 0.6 % of its light beyond it, 0.03 % of the flux.
+HALO_HALF = 256
 #: Focal-plane radius (mm) normalising the PSF variation (the edge of the DECam science array).
 _FP_RADIUS_MM = 225.0
 
@@ -221,12 +227,65 @@ def _stamp_half(alpha, peak, beta, extra=0.0, floor=3.5):
     return halves[idx]
 
 
-def _halves(psf: PsfField, alpha, core_peak, halo_peak, extra=0.0):
-    """Stamp half-sizes covering both the core and the halo down to the threshold."""
-    halves = _stamp_half(alpha, core_peak, psf.beta, extra)
-    if np.any(halo_peak > 0):
-        halves = np.maximum(halves, _stamp_half(psf.halo_alpha_px, halo_peak, psf.halo_beta, extra, floor=0.0))
-    return halves
+def _halves(psf: PsfField, alpha, core_peak, extra=0.0):
+    """Stamp half-sizes covering the core down to the threshold."""
+    return _stamp_half(alpha, core_peak, psf.beta, extra)
+
+
+def halo_profile(psf: PsfField, half: int = HALO_HALF) -> np.ndarray:
+    """The unit-flux halo Moffat sampled at the centres of a ``2 half + 1`` square (float32),
+    with its analytic normalisation: it sums to one less the light beyond the square."""
+    g = np.arange(-half, half + 1, dtype=np.float32)
+    prof = _moffat_round(g[None, :], g[:, None], psf.halo_alpha_px, psf.halo_beta)
+    return prof * np.float32((psf.halo_beta - 1.0) / (np.pi * psf.halo_alpha_px**2))
+
+
+class HaloLight:
+    """The halos of one exposure: each source's halo flux deposited at its position, then
+    convolved once with the halo profile (``render_into``).
+
+    Deposits use bilinear weights over the four pixels around the position (the halo's centroid
+    stays the source's); positions farther than ``HALO_HALF`` outside the image are ignored.
+    """
+
+    def __init__(self, shape, psf: PsfField):
+        self.shape = tuple(shape)
+        self.psf = psf
+        ny, nx = self.shape
+        self.impulses = np.zeros((ny + 2 * HALO_HALF, nx + 2 * HALO_HALF), np.float32)
+
+    def add(self, x, y, halo_e) -> None:
+        """Deposit halo fluxes ``halo_e`` (electrons) at trimmed positions (x, y)."""
+        x, y, halo_e = (np.asarray(v, dtype=float).ravel() for v in (x, y, halo_e))
+        keep = (halo_e > 0) & np.isfinite(x) & np.isfinite(y)
+        px, py = x[keep] + HALO_HALF, y[keep] + HALO_HALF
+        x0, y0 = np.floor(px).astype(np.int64), np.floor(py).astype(np.int64)
+        fx, fy = px - x0, py - y0
+        h, w = self.impulses.shape
+        for dx, dy, weight in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy),
+                               (1, 1, fx * fy)):
+            cols, rows = x0 + dx, y0 + dy
+            ok = (cols >= 0) & (cols < w) & (rows >= 0) & (rows < h)
+            np.add.at(self.impulses, (rows[ok], cols[ok]), (halo_e[keep] * weight)[ok].astype(np.float32))
+
+    def render_into(self, image: np.ndarray) -> None:
+        """Add the deposited halos, convolved with the halo profile, to ``image`` in place (only
+        the bounding box of the deposits is transformed)."""
+        from scipy.signal import fftconvolve
+
+        rows = np.flatnonzero(self.impulses.any(axis=1))
+        if rows.size == 0:
+            return
+        cols = np.flatnonzero(self.impulses.any(axis=0))
+        r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        conv = fftconvolve(self.impulses[r0:r1, c0:c1], halo_profile(self.psf), mode="full")
+        # conv[i, j] lies on image pixel (r0 - 2 HALO_HALF + i, c0 - 2 HALO_HALF + j).
+        ny, nx = image.shape
+        top, left = r0 - 2 * HALO_HALF, c0 - 2 * HALO_HALF
+        ys = slice(max(top, 0), min(top + conv.shape[0], ny))
+        xs = slice(max(left, 0), min(left + conv.shape[1], nx))
+        if ys.stop > ys.start and xs.stop > xs.start:
+            image[ys, xs] += conv[ys.start - top:ys.stop - top, xs.start - left:xs.stop - left].astype(image.dtype)
 
 
 def _grid(n, half, cx, cy):
@@ -273,13 +332,12 @@ def _add_stamps(image, ix, iy, half, stamps):
     np.add.at(image.reshape(-1), flat[ok], stamps[ok].astype(image.dtype))
 
 
-def render_points(image: np.ndarray, x, y, flux_e, psf: PsfField) -> None:
+def render_points(image: np.ndarray, x, y, flux_e, psf: PsfField, halo: HaloLight | None = None) -> None:
     """Add point sources (electrons ``flux_e``) at trimmed positions (x, y) to ``image`` in place.
 
-    Each stamp holds ``flux_e`` times the PSF (core and halo with their analytic
-    normalisations): the source's flux minus what falls outside the stamp, where both
-    components are below ``STAMP_THRESHOLD_E`` (for faint sources that is part of the halo's
-    few per cent, spread far below the sky noise).
+    The core (its share ``1 - h`` of the flux, analytic normalisation) is drawn into stamps
+    reaching where it falls below ``STAMP_THRESHOLD_E``; the halo's share ``h`` is deposited
+    into ``halo`` (drawn later, with the exposure's other halos) or, when None, drawn here.
     """
     x, y, flux_e = (np.asarray(v, dtype=float) for v in (x, y, flux_e))
     if x.size == 0:
@@ -288,32 +346,40 @@ def render_points(image: np.ndarray, x, y, flux_e, psf: PsfField) -> None:
     alpha = np.sqrt(a * b)
     h = psf.halo_fraction_at(x, y)
     core_amp = flux_e * (1.0 - h) * (psf.beta - 1.0) / (np.pi * a * b)  # central e-/pixel
-    halo_amp = np.zeros_like(flux_e)
-    if np.any(h > 0):
-        halo_amp = flux_e * h * (psf.halo_beta - 1.0) / (np.pi * psf.halo_alpha_px**2)
-    halves = _halves(psf, alpha, core_amp, halo_amp)
+    halves = _halves(psf, alpha, core_amp)
     ix, iy = np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)
     for half in np.unique(halves):
         sel = np.nonzero(halves == half)[0]
         dx, dy = _grid(len(sel), half, x[sel] - ix[sel], y[sel] - iy[sel])
         st = _moffat_pixel(dx, dy, a[sel], b[sel], theta[sel], psf.beta)
         st *= core_amp[sel].astype(np.float32)[:, None, None]
-        if np.any(halo_amp[sel] > 0):
-            halo = _moffat_round(dx, dy, psf.halo_alpha_px, psf.halo_beta)
-            st += halo * halo_amp[sel].astype(np.float32)[:, None, None]
         _add_stamps(image, ix[sel], iy[sel], half, st)
+    _add_halos(image, x, y, flux_e * h, psf, halo)
+
+
+def _add_halos(image, x, y, halo_e, psf: PsfField, halo: HaloLight | None) -> None:
+    if not np.any(halo_e > 0):
+        return
+    own = halo is None
+    if own:
+        halo = HaloLight(image.shape, psf)
+    halo.add(x, y, halo_e)
+    if own:
+        halo.render_into(image)
 
 
 def _sersic_b(n):
     return 2.0 * n - 1.0 / 3.0 + 0.009876 / n
 
 
-def render_galaxies(image: np.ndarray, x, y, flux_e, r_half_px, sersic_n, axis_ratio, theta, psf: PsfField) -> None:
-    """Add Sersic galaxies convolved with the local PSF (core and halo) to ``image`` in place.
+def render_galaxies(image: np.ndarray, x, y, flux_e, r_half_px, sersic_n, axis_ratio, theta, psf: PsfField,
+                    halo: HaloLight | None = None) -> None:
+    """Add Sersic galaxies convolved with the local PSF to ``image`` in place.
 
-    The galaxy is normalised over its stamp and convolved with the PSF sampled on the same
-    grid with its analytic normalisation, so, as for stars, only the PSF light falling outside
-    the stamp (below ``STAMP_THRESHOLD_E``) is missing.
+    The galaxy is normalised over its stamp and convolved with the PSF core sampled on the same
+    grid with its analytic normalisation, so, as for stars, only the core light falling outside
+    the stamp (below ``STAMP_THRESHOLD_E``) is missing. The halo's share of the flux is drawn
+    as a point source's halo at the galaxy's centre (into ``halo``, or here when None).
 
     Parameters
     ----------
@@ -337,13 +403,9 @@ def render_galaxies(image: np.ndarray, x, y, flux_e, r_half_px, sersic_n, axis_r
     a, b, pth = psf.shape_at(x, y)
     alpha = np.sqrt(a * b)
     h = psf.halo_fraction_at(x, y)
-    with_halo = bool(np.any(h > 0))
     # Peak of the convolved profile is at most the PSF peak; the galaxy extent adds in quadrature.
     core_peak = flux_e * (1.0 - h) * (psf.beta - 1.0) / (np.pi * (alpha**2 + r_half_px**2))
-    halo_peak = np.zeros_like(flux_e)
-    if with_halo:
-        halo_peak = flux_e * h * (psf.halo_beta - 1.0) / (np.pi * (psf.halo_alpha_px**2 + r_half_px**2))
-    halves = _halves(psf, alpha, core_peak, halo_peak, extra=np.where(sersic_n > 2, 5.0, 3.5) * r_half_px)
+    halves = _halves(psf, alpha, core_peak, extra=np.where(sersic_n > 2, 5.0, 3.5) * r_half_px)
     ix, iy = np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)
     sub = GALAXY_OVERSAMPLING
     for half in np.unique(halves):
@@ -353,12 +415,6 @@ def render_galaxies(image: np.ndarray, x, y, flux_e, r_half_px, sersic_n, axis_r
         k = np.arange(n_fine)
         t_gal = ((k // sub - half) + (k % sub - (sub - 1) / 2.0) / sub).astype(np.float32)
         t_psf = ((k - n_fine // 2) / sub).astype(np.float32)
-        halo_ft = None
-        if with_halo:
-            # Round halo, the same for every galaxy of the batch: one transform per stamp size.
-            hal = _moffat_round(t_psf[None, :], t_psf[:, None], psf.halo_alpha_px, psf.halo_beta)
-            hal *= np.float32((psf.halo_beta - 1.0) / (np.pi * psf.halo_alpha_px**2 * sub * sub))
-            halo_ft = fft.rfft2(np.fft.ifftshift(hal))
         per_chunk = max(1, int(4_000_000 // n_fine**2))
         members = np.nonzero(halves == half)[0]
         for chunk in np.array_split(members, max(1, -(-members.size // per_chunk))):
@@ -383,13 +439,12 @@ def render_galaxies(image: np.ndarray, x, y, flux_e, r_half_px, sersic_n, axis_r
             core_norm = (1.0 - h[chunk]) * (psf.beta - 1.0) / (np.pi * a[chunk] * b[chunk] * sub * sub)
             p *= core_norm.astype(np.float32)[:, None, None]
             kernel_ft = fft.rfft2(np.fft.ifftshift(p, axes=(1, 2)), axes=(1, 2))
-            if halo_ft is not None:
-                kernel_ft += h[chunk].astype(np.float32)[:, None, None] * halo_ft[None]
             conv = fft.irfft2(fft.rfft2(gal, axes=(1, 2)) * kernel_ft, s=gal.shape[1:], axes=(1, 2))
             # Integrate over each pixel: sum its sub x sub samples.
             conv = conv.reshape(n, 2 * half, sub, 2 * half, sub).sum(axis=(2, 4))
             conv *= flux_e[chunk].astype(np.float32)[:, None, None]
             _add_stamps(image, ix[chunk], iy[chunk], half, conv.astype(np.float32))
+    _add_halos(image, x, y, flux_e * h, psf, halo)
 
 
 def sky_angle_to_pixel(pa_deg, cd) -> np.ndarray:
