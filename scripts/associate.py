@@ -3,7 +3,7 @@
 import pyarrow.parquet as pq
 
 from apsnake.association import AssociationConfig, associate_data_id
-from apsnake.logs import workflow_step
+from apsnake.logs import finish_job, workflow_step
 from apsnake.options import dataclass_from_options
 
 visit, detector = int(snakemake.wildcards.visit), int(snakemake.wildcards.detector)
@@ -24,3 +24,5 @@ with workflow_step("associate", snakemake.log[0], f"visit={visit} detector={dete
         marker["numUpdatedDiaObjects"], marker["numUnassociatedDiaSources"],
         marker["counts"]["DiaForcedSource"], marker["seconds"],
     )
+
+finish_job()

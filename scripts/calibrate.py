@@ -6,7 +6,7 @@ from apsnake import refcat as refcat_io
 from apsnake.atomic import write_parquet, write_text
 from apsnake.calibrate import CalibrateConfig, calibrate_exposure
 from apsnake.exposure import read_exposure, write_background, write_exposure
-from apsnake.logs import workflow_step
+from apsnake.logs import finish_job, workflow_step
 from apsnake.options import dataclass_from_options
 from apsnake.times import mjd_to_year
 
@@ -24,3 +24,5 @@ with workflow_step("calibrate", snakemake.log[0], f"visit={visit} detector={dete
     write_background(result.background.image, snakemake.output.background)
     write_parquet(result.sources, snakemake.output.src)
     write_text(json.dumps(result.metadata, indent=1), snakemake.output.metadata)
+
+finish_job()

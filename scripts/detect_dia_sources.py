@@ -8,7 +8,7 @@ from apsnake import schema
 from apsnake.atomic import atomic_output
 from apsnake.dia import DiaConfig, detect_dia_sources
 from apsnake.exposure import read_exposure
-from apsnake.logs import workflow_step
+from apsnake.logs import finish_job, workflow_step
 from apsnake.options import dataclass_from_options
 
 visit, detector = int(snakemake.wildcards.visit), int(snakemake.wildcards.detector)
@@ -27,3 +27,5 @@ with workflow_step("detectDiaSources", snakemake.log[0], f"visit={visit} detecto
     log.info("visit=%d detector=%d: %d DIA sources", visit, detector, table.num_rows)
     with atomic_output(snakemake.output.diaSrc) as tmp:
         pq.write_table(table, tmp)
+
+finish_job()

@@ -13,7 +13,7 @@ import pandas as pd
 from apsnake.atomic import write_text
 from apsnake.diffim import DiffimConfig, DiffimSkip, skipped_difference, subtract
 from apsnake.exposure import read_exposure, write_exposure
-from apsnake.logs import workflow_step
+from apsnake.logs import finish_job, workflow_step
 from apsnake.options import dataclass_from_options
 
 visit, detector = int(snakemake.wildcards.visit), int(snakemake.wildcards.detector)
@@ -34,3 +34,5 @@ with workflow_step("diffim", snakemake.log[0], f"visit={visit} detector={detecto
     write_exposure(difference, snakemake.output.diffexp)
     write_exposure(matched, snakemake.output.matched_template)
     write_text(json.dumps(metadata, indent=1, default=float), snakemake.output.metadata)
+
+finish_job()

@@ -1,6 +1,6 @@
 """Snakemake adapter: ingest raw and calibration headers into the registry."""
 
-from apsnake.logs import workflow_step
+from apsnake.logs import finish_job, workflow_step
 from apsnake.registry import run_ingest
 
 with workflow_step("ingest", snakemake.log[0]):
@@ -9,3 +9,5 @@ with workflow_step("ingest", snakemake.log[0]):
         snakemake.params.calibs,
         registry_paths=dict(snakemake.output.items()),
     )
+
+finish_job()

@@ -13,7 +13,7 @@ from apsnake.atomic import atomic_output
 from apsnake.dia import DiaConfig
 from apsnake.exposure import read_exposure
 from apsnake.fakes import FakesConfig, run_fakes
-from apsnake.logs import workflow_step
+from apsnake.logs import finish_job, workflow_step
 from apsnake.options import dataclass_from_options
 
 visit, detector = int(snakemake.wildcards.visit), int(snakemake.wildcards.detector)
@@ -36,3 +36,5 @@ with workflow_step("fakes", snakemake.log[0], f"visit={visit} detector={detector
     log.info("visit=%d detector=%d: %d fakes injected, %d recovered", visit, detector, table.num_rows, n_recovered)
     with atomic_output(snakemake.output.fakes) as tmp:
         pq.write_table(table, tmp)
+
+finish_job()

@@ -6,7 +6,7 @@ from apsnake import isr
 from apsnake.atomic import write_text
 from apsnake.exposure import write_exposure
 from apsnake.instruments import decam
-from apsnake.logs import workflow_step
+from apsnake.logs import finish_job, workflow_step
 from apsnake.options import dataclass_from_options
 
 visit, detector = int(snakemake.wildcards.visit), int(snakemake.wildcards.detector)
@@ -33,3 +33,5 @@ with workflow_step("isr", snakemake.log[0], f"visit={visit} detector={detector}"
     )
     write_exposure(result.exposure, snakemake.output.exposure)
     write_text(json.dumps(result.metadata, indent=1), snakemake.output.metadata)
+
+finish_job()

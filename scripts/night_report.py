@@ -2,7 +2,7 @@
 
 import pyarrow.parquet as pq
 
-from apsnake.logs import workflow_step
+from apsnake.logs import finish_job, workflow_step
 from apsnake.qa.products import data_id_of, data_id_products
 from apsnake.qa.report import build_report, write_report
 
@@ -15,3 +15,5 @@ with workflow_step("report", snakemake.log[0]) as log:
     )
     write_report(text, snakemake.output.report)
     log.info("%d data IDs, %d bytes: %s", len(data_ids), len(text.encode()), snakemake.output.report)
+
+finish_job()

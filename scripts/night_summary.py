@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from apsnake.logs import workflow_step
+from apsnake.logs import finish_job, workflow_step
 from apsnake.qa import completeness_table, night_summary, write_completeness, write_night_summary
 from apsnake.qa.products import data_id_of, data_id_products
 from apsnake.qa.summary import night_fakes
@@ -17,3 +17,5 @@ with workflow_step("night_summary", snakemake.log[0]) as log:
     write_completeness(completeness, snakemake.output.completeness)
     log.info("%d data IDs (%d with fakes), %d summary rows, %d completeness rows",
              len(data_ids), len(with_fakes), summary.num_rows, completeness.num_rows)
+
+finish_job()

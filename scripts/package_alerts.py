@@ -1,7 +1,7 @@
 """Snakemake adapter: write the alert packets (Avro, Rubin alert schema) of one committed data ID."""
 
 from apsnake.alerts import AlertConfig, package_data_id
-from apsnake.logs import workflow_step
+from apsnake.logs import finish_job, workflow_step
 from apsnake.options import dataclass_from_options
 
 visit, detector = int(snakemake.wildcards.visit), int(snakemake.wildcards.detector)
@@ -20,3 +20,5 @@ with workflow_step("package_alerts", snakemake.log[0], f"visit={visit} detector=
         written["n_below_reliability"], written["n_prv_dia_sources"], written["n_prv_dia_forced_sources"],
         written["schema_version"], written["bytes"], written["seconds"],
     )
+
+finish_job()

@@ -4,7 +4,7 @@ import json
 
 from apsnake.alerts import KafkaConfig, produce_alert_file
 from apsnake.atomic import write_text
-from apsnake.logs import workflow_step
+from apsnake.logs import finish_job, workflow_step
 from apsnake.options import dataclass_from_options
 
 visit, detector = int(snakemake.wildcards.visit), int(snakemake.wildcards.detector)
@@ -15,3 +15,5 @@ with workflow_step("produce_alerts", snakemake.log[0], f"visit={visit} detector=
     write_text(json.dumps(report, indent=1) + "\n", snakemake.output.report)
     log.info("visit=%d detector=%d: %d alerts delivered to topic %s (partitions %s, %.2f s)", visit, detector,
              report["n_alerts"], report["topic"], report["partitions"], report["seconds"])
+
+finish_job()

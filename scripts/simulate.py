@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from apsnake.logs import workflow_step
+from apsnake.logs import finish_job, workflow_step
 from apsnake.sim import simulate_night
 
 with workflow_step("simulate", snakemake.log[0], f"preset={snakemake.params.preset}"):
@@ -11,3 +11,5 @@ with workflow_step("simulate", snakemake.log[0], f"preset={snakemake.params.pres
         preset=snakemake.params.preset,
         seed=int(snakemake.params.seed),
     )
+
+finish_job()

@@ -3,7 +3,7 @@ overlapping coadd patches (templates.mode: coadd) or the best-covering template 
 (templates.mode: single)."""
 
 from apsnake.exposure import read_exposure, write_exposure
-from apsnake.logs import workflow_step
+from apsnake.logs import finish_job, workflow_step
 from apsnake.templates import best_single_visit_template, template_for_exposure
 
 visit, detector = int(snakemake.wildcards.visit), int(snakemake.wildcards.detector)
@@ -16,3 +16,5 @@ with workflow_step("template", snakemake.log[0], f"visit={visit} detector={detec
     else:
         template = template_for_exposure(calexp, inputs)
     write_exposure(template, snakemake.output.template)
+
+finish_job()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,3 +49,19 @@ def workflow_step(name: str, log_path: str | Path | None = None, data_id: str = 
         logger.error("%s failed: %s", label, err)
         raise SystemExit(1) from None
     logger.info("%s: done in %.2f s", label, time.perf_counter() - start)
+
+
+def finish_job() -> None:
+    """End a workflow job's process at once, once its step has succeeded (the last statement
+    of every ``scripts/*.py``).
+
+    Every product is written and renamed into place inside the step, so the interpreter's
+    orderly teardown (a last garbage collection, clearing ~1,300 modules, freeing every object
+    one by one) only costs time: 0.2-0.7 s per job of the test night (benchmarks/README.md). Logging is shut down
+    (its files flushed and closed) and stdout and stderr flushed first; other ``atexit``
+    callbacks do not run. Never call it from a process that has more to do (tests, the CLI).
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -13,14 +13,20 @@ Modules
 docs/formats.md (alert packets) describes the product and the column mapping.
 """
 
-from apsnake.alerts.avro import AlertFileError, alert_path, read_alert_file, write_alert_file
-from apsnake.alerts.config import AlertConfig, KafkaConfig
-from apsnake.alerts.cutouts import CutoutError, CutoutMaker, cutout_origin, cutout_size
-from apsnake.alerts.kafka import (AlertDeliveryError, decode_message, encode_message, produce_alert_file,
-                                  produce_alerts)
-from apsnake.alerts.package import AlertInputError, build_alerts, package_data_id, select_alert_sources
-from apsnake.alerts.records import (DROPPED_COLUMNS, REQUIRED_FILLS, UNFILLED_FIELDS, AlertSchema, AlertSchemaError,
-                                    check_mapping, load_alert_schema, to_records)
+from apsnake.lazy import lazy_exports
+
+__getattr__ = lazy_exports(__name__, {
+    "AlertFileError": "avro", "alert_path": "avro", "read_alert_file": "avro", "write_alert_file": "avro",
+    "AlertConfig": "config", "KafkaConfig": "config",
+    "CutoutError": "cutouts", "CutoutMaker": "cutouts", "cutout_origin": "cutouts", "cutout_size": "cutouts",
+    "AlertDeliveryError": "kafka", "decode_message": "kafka", "encode_message": "kafka",
+    "produce_alert_file": "kafka", "produce_alerts": "kafka",
+    "AlertInputError": "package", "build_alerts": "package", "package_data_id": "package",
+    "select_alert_sources": "package",
+    "DROPPED_COLUMNS": "records", "REQUIRED_FILLS": "records", "UNFILLED_FIELDS": "records",
+    "AlertSchema": "records", "AlertSchemaError": "records", "check_mapping": "records",
+    "load_alert_schema": "records", "to_records": "records",
+})
 
 __all__ = [
     "DROPPED_COLUMNS", "REQUIRED_FILLS", "UNFILLED_FIELDS", "AlertConfig", "AlertDeliveryError", "AlertFileError",

@@ -14,13 +14,17 @@ The APDB storage itself is ``apsnake.apdb``. docs/architecture.md (APDB, associa
 and docs/algorithms.md (association) describe the design.
 """
 
-from apsnake.association.forced import forced_photometry
-from apsnake.association.match import (NEW_OBJECT_BAD_FLAGS, AssociationResult, associate_sources, can_found_object,
-                                       match_one_to_one)
-from apsnake.association.pipeline import AssociationConfig, associate_data_id
-from apsnake.association.plan import AssociationPlan, association_plan, cells_of, footprint_cells
-from apsnake.association.summary import summarise_objects
-from apsnake.association.tables import AssociationError
+from apsnake.lazy import lazy_exports
+
+__getattr__ = lazy_exports(__name__, {
+    "forced_photometry": "forced",
+    "NEW_OBJECT_BAD_FLAGS": "match", "AssociationResult": "match", "associate_sources": "match",
+    "can_found_object": "match", "match_one_to_one": "match",
+    "AssociationConfig": "pipeline", "associate_data_id": "pipeline",
+    "AssociationPlan": "plan", "association_plan": "plan", "cells_of": "plan", "footprint_cells": "plan",
+    "summarise_objects": "summary",
+    "AssociationError": "tables",
+})
 
 __all__ = [
     "NEW_OBJECT_BAD_FLAGS", "AssociationConfig", "AssociationError", "AssociationPlan", "AssociationResult",

@@ -14,9 +14,13 @@ Fakes never reach the APDB or the alerts: they live only in the per-data-ID ``fa
 docs/algorithms.md (Fakes) describes the method.
 """
 
-from apsnake.fakes.config import FakesConfig, FakesError
-from apsnake.fakes.run import FakesResult, run_fakes
-from apsnake.fakes.select import fake_data_id_selected, select_fake_data_ids
+from apsnake.lazy import lazy_exports
+
+__getattr__ = lazy_exports(__name__, {
+    "FakesConfig": "config", "FakesError": "config",
+    "FakesResult": "run", "run_fakes": "run",
+    "fake_data_id_selected": "select", "select_fake_data_ids": "select",
+})
 
 __all__ = ["FakesConfig", "FakesError", "FakesResult", "fake_data_id_selected", "run_fakes",
            "select_fake_data_ids"]

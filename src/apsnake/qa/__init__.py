@@ -13,14 +13,14 @@ Modules, one capability each:
 * ``report``: the HTML page with every figure embedded as a data URI.
 """
 
-from apsnake.qa.products import DataIdProducts, data_id_of, data_id_products, find_science_data_ids
-from apsnake.qa.summary import (
-    completeness_table,
-    night_summary,
-    read_fakes,
-    write_completeness,
-    write_night_summary,
-)
+from apsnake.lazy import lazy_exports
+
+__getattr__ = lazy_exports(__name__, {
+    "DataIdProducts": "products", "data_id_of": "products", "data_id_products": "products",
+    "find_science_data_ids": "products",
+    "completeness_table": "summary", "night_summary": "summary", "read_fakes": "summary",
+    "write_completeness": "summary", "write_night_summary": "summary",
+})
 
 __all__ = [
     "DataIdProducts",

@@ -8,7 +8,11 @@ objects, refcat), :mod:`~apsnake.sim.render` (PSF and stamps), :mod:`~apsnake.si
 (FITS output) and :mod:`~apsnake.sim.night` (the driver).
 """
 
-from apsnake.sim.night import simulate_night
-from apsnake.sim.presets import PRESETS, Preset, VisitSpec
+from apsnake.lazy import lazy_exports
+
+__getattr__ = lazy_exports(__name__, {
+    "simulate_night": "night",
+    "PRESETS": "presets", "Preset": "presets", "VisitSpec": "presets",
+})
 
 __all__ = ["PRESETS", "Preset", "VisitSpec", "simulate_night"]

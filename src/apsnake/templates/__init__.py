@@ -14,12 +14,16 @@ All functions take and return ``apsnake.exposure.Exposure`` objects; nothing her
 writes files. docs/algorithms.md (templates) describes the methods.
 """
 
-from apsnake.templates.coadd import CoaddConfig, homogenize_psfs, make_coadd
-from apsnake.templates.errors import TemplateError
-from apsnake.templates.select import (best_single_visit_template, merge_warps, single_visit_template,
-                                      template_for_exposure)
-from apsnake.templates.skygrid import SkyGrid
-from apsnake.templates.warp import warp_exposure
+from apsnake.lazy import lazy_exports
+
+__getattr__ = lazy_exports(__name__, {
+    "CoaddConfig": "coadd", "homogenize_psfs": "coadd", "make_coadd": "coadd",
+    "TemplateError": "errors",
+    "best_single_visit_template": "select", "merge_warps": "select", "single_visit_template": "select",
+    "template_for_exposure": "select",
+    "SkyGrid": "skygrid",
+    "warp_exposure": "warp",
+})
 
 __all__ = [
     "CoaddConfig", "SkyGrid", "TemplateError", "best_single_visit_template", "homogenize_psfs", "make_coadd",

@@ -1,0 +1,66 @@
+"""A workflow job's fixed cost: lazy package namespaces and the fast exit of ``logs.finish_job``."""
+
+import importlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+LAZY_PACKAGES = ["alerts", "association", "fakes", "qa", "sim", "templates"]
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"],
+                         capture_output=True, text=True, check=True).stdout
+    return set(json.loads(out.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("package", LAZY_PACKAGES)
+def test_lazy_package_exports_every_name(package):
+    module = importlib.import_module(f"apsnake.{package}")
+    for name in module.__all__:
+        assert getattr(module, name) is getattr(module, name)
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        module.no_such_name
+    namespace = {}
+    exec(f"from apsnake.{package} import *", namespace)
+    assert set(module.__all__) <= set(namespace)
+
+
+def test_dag_imports_leave_out_the_heavy_stages():
+    """What rules/*.smk import to build the DAG loads neither scipy nor the stages' modules."""
+    loaded = _modules_after(
+        "from apsnake.association.plan import association_plan\n"
+        "from apsnake.fakes import select_fake_data_ids\n"
+        "from apsnake.templates.skygrid import SkyGrid"
+    )
+    assert not {"scipy", "pandas", "pyarrow", "apsnake.association.match", "apsnake.fakes.run",
+                "apsnake.templates.warp"} & loaded
+
+
+def test_alert_jobs_load_no_association_stage():
+    """package_alerts and produce_alerts import neither the association matcher nor scipy."""
+    loaded = _modules_after("from apsnake.alerts import AlertConfig, KafkaConfig, package_data_id, produce_alert_file")
+    assert not {"scipy", "apsnake.association.match"} & loaded
+    loaded = _modules_after("from apsnake.alerts import KafkaConfig, produce_alert_file")
+    assert not {"pandas", "apsnake.apdb", "apsnake.alerts.package"} & loaded
+
+
+def test_finish_job_flushes_the_log_and_exits_zero(tmp_path):
+    log = tmp_path / "job.log"
+    code = (
+        "import atexit\n"
+        "from apsnake.logs import finish_job, workflow_step\n"
+        "atexit.register(print, 'teardown ran')\n"
+        f"with workflow_step('step', {str(log)!r}, 'visit=1 detector=2') as logger:\n"
+        "    logger.info('last record')\n"
+        "print('stdout flushed', end='')\n"
+        "finish_job()\n"
+        "print('not reached')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert proc.stdout == "stdout flushed"
+    text = log.read_text()
+    assert "last record" in text and "step visit=1 detector=2: done in" in text
