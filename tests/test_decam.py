@@ -24,6 +24,14 @@ def test_ccd_table_has_the_62_science_ccds():
         decam.ccd_info(63)
 
 
+def test_working_ccds_follow_the_outages():
+    assert decam.DEAD_CCDS == {61}
+    assert len(decam.working_ccdnums("2012-10-01")) == 62  # before N30 was damaged
+    assert set(decam.SCIENCE_CCDNUMS) - set(decam.working_ccdnums("2015-03-17T02:12:43.681522")) == {2, 61}
+    assert set(decam.SCIENCE_CCDNUMS) - set(decam.working_ccdnums("2016-12-07")) == {61}  # S30 back
+    assert 31 in decam.working_ccdnums("2015-03-17")  # S7: one dead amplifier, the other half good
+
+
 @pytest.mark.parametrize(
     "value, band",
     [("g DECam SDSS c0001 4720.0 1520.0", "g"), ("Y DECam c0005 10095.0 1130.0", "y"),

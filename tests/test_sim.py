@@ -656,6 +656,42 @@ def test_visit_truth_rebuilds_the_rendered_psf(sim_test_night):
     assert sig["psf_halo_fraction_ccd_centre"].between(0.015, 0.06).all()
 
 
+def test_focalplane_preset_is_every_working_ccd():
+    preset = PRESETS["focalplane"]
+    assert len(preset.ccds) == 60 and set(decam.SCIENCE_CCDNUMS) - set(preset.ccds) == {2, 61}  # S30, N30
+    assert all(decam.working_ccdnums(v.start_utc) == preset.ccds for v in preset.visits)
+    assert len(preset.templates) == 1 and len(preset.science) == 2
+    # the demo's plan: the same exposures, so association links the two science visits
+    demo = {v.expnum: v for v in PRESETS["demo"].visits}
+    assert all(demo[v.expnum] == v for v in preset.visits)
+
+
+def test_mef_writer_writes_the_same_bytes_one_extension_at_a_time(tmp_path):
+    from apsnake.sim import writer
+
+    rng = np.random.default_rng(5)
+    images = {c: rng.normal(0.0, 1.0, decam.TRIMMED_SHAPE).astype(np.float32) for c in (32, 25)}
+    header = writer.calib_primary_header("zero", "2015-03-16T20:00:00.000", None, "150316", 2)
+    writer.write_calib(tmp_path / "all.fits", header.copy(), images, "adu")
+    with writer.MefWriter(tmp_path / "one.fits", header.copy(), 2) as mef:
+        for c in sorted(images):
+            mef.append(writer.calib_hdu(c, images[c], "adu"))
+    assert (tmp_path / "one.fits").read_bytes() == (tmp_path / "all.fits").read_bytes()
+    raw = {c: rng.integers(1000, 3000, decam.RAW_SHAPE).astype(np.uint16) for c in (32, 25)}
+    headers = {c: fits.Header([("CCDNUM", c), ("DETPOS", decam.ccd_info(c).name)]) for c in raw}
+    primary = fits.Header([("EXPNUM", 1)])
+    writer.write_raw(tmp_path / "all.fits.fz", primary.copy(), [(headers[c], raw[c]) for c in raw])
+    with writer.MefWriter(tmp_path / "one.fits.fz", primary.copy(), 2) as mef:
+        for c in writer.raw_extension_order(raw):
+            mef.append(writer.raw_hdu(headers[c], raw[c]))
+    assert (tmp_path / "one.fits.fz").read_bytes() == (tmp_path / "all.fits.fz").read_bytes()
+    # an extension short: an error, and no file
+    with pytest.raises(ValueError, match="1 extensions written, 2 announced"):
+        with writer.MefWriter(tmp_path / "short.fits", header.copy(), 2) as mef:
+            mef.append(writer.calib_hdu(25, images[25], "adu"))
+    assert not any(p.name.endswith("short.fits") for p in tmp_path.iterdir())
+
+
 def test_crowded_preset_has_several_times_the_stars():
     from apsnake.sim import sky
 

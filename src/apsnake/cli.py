@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("simulate", help="simulate a DECam night in the real raw format")
     p.add_argument("outdir", type=Path)
-    p.add_argument("--preset", default="demo", choices=["demo", "test", "dense", "crowded"])
+    p.add_argument("--preset", default="demo", choices=["demo", "test", "dense", "crowded", "focalplane"])
     p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=_simulate)
 

@@ -147,8 +147,17 @@ AMP_NAMES = ("A", "B")
 
 #: CCDs with a non-operational amplifier (obs_decam curated_calib_origin/README.md, DES BPMs).
 BAD_AMPS: dict[int, tuple[str, ...]] = {31: ("A",)}
-#: CCDs dead for most of the survey (N30 since late 2012; unverified date).
-DEAD_CCDS: frozenset[int] = frozenset({61})
+#: Science CCDs out of service for a period: CCDNUM -> (first UT date out, first UT date back in
+#: service, or None while it stays out). N30 (61): light damage on 2012-11-07 (DES science-
+#: verification wiki, "N30 Analysis"), never recovered. S30 (2): "not functional 2014-2016"
+#: (NOIRLab DECam characteristics page); the exact dates here are those remembered from the DES
+#: data releases (failed 2013-11-30, back 2016-12-07) and are unverified.
+CCD_OUTAGES: dict[int, tuple[str, str | None]] = {
+    61: ("2012-11-07", None),
+    2: ("2013-11-30", "2016-12-07"),
+}
+#: CCDs dead for good (N30 since late 2012).
+DEAD_CCDS: frozenset[int] = frozenset(c for c, (_, back) in CCD_OUTAGES.items() if back is None)
 
 
 @dataclass(frozen=True)
@@ -203,6 +212,17 @@ def _parse_ccd_table() -> dict[int, CcdInfo]:
 CCDS: dict[int, CcdInfo] = _parse_ccd_table()
 _CCD_BY_NAME = {c.name: c for c in CCDS.values()}
 SCIENCE_CCDNUMS = tuple(sorted(CCDS))
+
+
+def working_ccdnums(date_utc: str) -> tuple[int, ...]:
+    """The science CCDNUMs in service on a UT date (``YYYY-MM-DD`` or an ISO time such as
+    ``DATE-OBS``): all 62 less those of :data:`CCD_OUTAGES` out on that date. S7 (31), with one
+    dead amplifier (:data:`BAD_AMPS`), counts as working: its other half is good.
+    """
+    day = str(date_utc)[:10]
+    return tuple(c for c in SCIENCE_CCDNUMS
+                 if not (c in CCD_OUTAGES and CCD_OUTAGES[c][0] <= day
+                         and (CCD_OUTAGES[c][1] is None or day < CCD_OUTAGES[c][1])))
 
 
 def ccd_info(ccd: int | str) -> CcdInfo:

@@ -7,6 +7,8 @@ depend on the order in which CCDs are simulated.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import time
@@ -27,6 +29,9 @@ log = logging.getLogger(__name__)
 RENDER_MARGIN_PX = 70.0
 #: Sub-exposures used to draw an asteroid's trail.
 TRAIL_STEPS = 9
+#: Nights of up to this many CCDs keep every CCD signature in memory (~110 MB each); larger
+#: ones (the ``focalplane`` preset) draw each again when it is needed.
+SIGNATURES_KEPT = 8
 
 # Purposes of the random streams (second entry of the seed sequence).
 _RNG_NOISE, _RNG_CALIB = 2, 4
@@ -173,8 +178,21 @@ def simulate_ccd(night: NightModel, visit: observing.VisitConditions, ccdnum: in
     return raw, info, bias
 
 
-def _write_calibs(outdir: Path, preset: Preset, visits, signatures: dict, seed: int) -> dict:
-    """Master bias and flat per night and one BPM; returns their paths (relative to outdir)."""
+def _signature_source(ccds, seed: int):
+    """``get(ccdnum)`` -> the CCD's :class:`signature.CcdSignature`. A signature holds ~110 MB of
+    pixel maps and takes ~1 s to draw: kept for up to :data:`SIGNATURES_KEPT` CCDs, drawn again
+    (identically: it depends only on the seed and the CCD) when a night has more."""
+    if len(ccds) <= SIGNATURES_KEPT:
+        return functools.lru_cache(maxsize=None)(lambda c: signature.make_ccd_signature(c, seed))
+    return lambda c: signature.make_ccd_signature(c, seed)
+
+
+def _write_calibs(outdir: Path, preset: Preset, visits, signatures, seed: int) -> dict:
+    """Master bias and flat per night and one BPM; returns their paths (relative to outdir).
+
+    ``signatures(ccdnum)`` gives a CCD's signature. The files are written one CCD at a time
+    (all of them together, CCDNUM order), so one CCD's images are in memory at once.
+    """
     from astropy.time import Time
 
     calib_dir = outdir / "calib"
@@ -182,26 +200,39 @@ def _write_calibs(outdir: Path, preset: Preset, visits, signatures: dict, seed: 
     nights: dict[str, float] = {}
     for v in visits:
         nights[v.night] = min(nights.get(v.night, np.inf), v.mjd_obs)
-    for night, first_mjd in sorted(nights.items()):
-        # Calibrations taken in the afternoon before the night's first exposure.
-        date = Time(first_mjd - 6.0 / 24.0, format="mjd", scale="utc").isot
-        nn = int(night)
-        biases = {c: signature.master_bias(s, _rng(seed, _RNG_CALIB, nn, c, 1)) for c, s in signatures.items()}
-        name = f"c4d_{night}_zci.fits"
-        writer.write_calib(calib_dir / name, writer.calib_primary_header("zero", date, None, night, len(biases)),
-                           biases, "adu")
-        paths["bias"].append(f"calib/{name}")
-        flats = {c: signature.master_flat(s, _rng(seed, _RNG_CALIB, nn, c, 2)) for c, s in signatures.items()}
-        name = f"c4d_{night}_fci_{preset.band}.fits"
-        header = writer.calib_primary_header("dome flat", date, preset.band, night, len(flats))
-        writer.write_calib(calib_dir / name, header, flats, "")
-        paths["flat"].append(f"calib/{name}")
+    ccds = sorted(int(c) for c in preset.ccds)
+    with contextlib.ExitStack() as stack:
+        files = []  # (writer, kind, night as int, BUNIT)
+        for night, first_mjd in sorted(nights.items()):
+            # Calibrations taken in the afternoon before the night's first exposure.
+            date = Time(first_mjd - 6.0 / 24.0, format="mjd", scale="utc").isot
+            name = f"c4d_{night}_zci.fits"
+            header = writer.calib_primary_header("zero", date, None, night, len(ccds))
+            files.append((stack.enter_context(writer.MefWriter(calib_dir / name, header, len(ccds))),
+                          "bias", int(night), "adu"))
+            paths["bias"].append(f"calib/{name}")
+            name = f"c4d_{night}_fci_{preset.band}.fits"
+            header = writer.calib_primary_header("dome flat", date, preset.band, night, len(ccds))
+            files.append((stack.enter_context(writer.MefWriter(calib_dir / name, header, len(ccds))),
+                          "flat", int(night), ""))
+            paths["flat"].append(f"calib/{name}")
+        # Valid from the start of the last DES BPM epoch (docs/formats.md §4).
+        header = writer.calib_primary_header("bpm", "2015-01-05T01:15:00.000", None, "150105", len(ccds))
+        files.append((stack.enter_context(writer.MefWriter(calib_dir / "DECam_bpm.fits", header, len(ccds))),
+                      "bpm", 0, ""))
+        paths["bpm"].append("calib/DECam_bpm.fits")
+        for c in ccds:
+            sig = signatures(c)
+            for mef, kind, nn, bunit in files:
+                if kind == "bias":
+                    image = signature.master_bias(sig, _rng(seed, _RNG_CALIB, nn, c, 1))
+                elif kind == "flat":
+                    image = signature.master_flat(sig, _rng(seed, _RNG_CALIB, nn, c, 2))
+                else:
+                    image = sig.bpm
+                mef.append(writer.calib_hdu(c, image, bunit))
+    for night in sorted(nights):
         log.info("wrote master bias and %s flat of night %s", preset.band, night)
-    bpms = {c: s.bpm for c, s in signatures.items()}
-    # Valid from the start of the last DES BPM epoch (docs/formats.md §4).
-    header = writer.calib_primary_header("bpm", "2015-01-05T01:15:00.000", None, "150105", len(bpms))
-    writer.write_calib(calib_dir / "DECam_bpm.fits", header, bpms, "")
-    paths["bpm"].append("calib/DECam_bpm.fits")
     return paths
 
 
@@ -233,7 +264,7 @@ def simulate_night(outdir: str | Path, preset: str = "demo", seed: int = 1) -> d
         Output folder; gets ``raw/`` (``c4d_YYMMDD_HHMMSS_ori.fits.fz``), ``calib/``
         (master bias, flat, BPM), ``refcat.parquet``, ``truth/`` and ``sim_summary.json``.
     preset : str
-        A key of :data:`apsnake.sim.PRESETS` (``demo``, ``test``, ``dense`` or ``crowded``).
+        A key of :data:`apsnake.sim.PRESETS` (``demo``, ``test``, ``dense``, ``crowded`` or ``focalplane``).
     seed : int
         Seed of every random draw; the same seed gives bit-identical products.
 
@@ -261,43 +292,57 @@ def simulate_night(outdir: str | Path, preset: str = "demo", seed: int = 1) -> d
              len(stars), len(galaxies), len(td.transients), len(td.variables), len(td.asteroids),
              region.area_deg2, len(refcat))
 
-    signatures = {c: signature.make_ccd_signature(c, seed) for c in p.ccds}
+    signatures = _signature_source(p.ccds, seed)
     calib_paths = _write_calibs(outdir, p, visits, signatures, seed)
 
-    sig_rows, bias_rows, raw_paths = [], [], []
-    for v in visits:
-        t0 = time.perf_counter()
-        extensions = []
-        for ccd in p.ccds:
-            tc = time.perf_counter()
-            sig = signatures[ccd]
-            raw, info, bias = simulate_ccd(night, v, ccd, sig)
-            header = writer.raw_extension_header(sig, observing.header_wcs_cards(ccd, v))
-            extensions.append((header, raw))
-            for amp in decam.AMP_NAMES:
-                a = sig.amps[amp]
-                sig_rows.append({
-                    "visit": v.expnum, "detector": ccd, "detpos": decam.ccd_info(ccd).name, "amp": amp,
-                    "gain_e_per_adu": a.gain, "read_noise_e": a.read_noise_e, "read_noise_adu": a.read_noise_adu,
-                    "saturation_adu": a.saturation_adu, "full_well_e": a.full_well_e,
-                    "bias_level_adu": bias.level[amp], "bias_row_mean_adu": float(np.mean(bias.rows[amp])),
-                    "header_gain": a.header_gain, "header_read_noise": a.header_read_noise,
-                    "header_saturation": a.header_saturation,
-                    "crosstalk_coeff_from_other_amp": signature.crosstalk_coefficient(ccd, amp),
-                    "flat_gain_e_per_adu": sig.flat_gain(), **info,
-                })
-                bias_rows.append(pd.DataFrame({
+    # CCD by CCD (in the raw files' extension order), every visit of a CCD in turn, each raw
+    # file written one extension at a time: one CCD signature and one raw image in memory.
+    sig_rows, bias_rows = {}, {}
+    raw_paths = [f"raw/{v.filename}" for v in visits]
+    t_visit = {v.expnum: 0.0 for v in visits}
+    with contextlib.ExitStack() as stack:
+        raws = [stack.enter_context(writer.MefWriter(outdir / "raw" / v.filename,
+                                                     writer.raw_primary_header(v, p, len(p.ccds)), len(p.ccds)))
+                for v in visits]
+        for ccd in writer.raw_extension_order(p.ccds):
+            sig = signatures(ccd)
+            for v, raw_file in zip(visits, raws):
+                tc = time.perf_counter()
+                raw, info, bias = simulate_ccd(night, v, ccd, sig)
+                header = writer.raw_extension_header(sig, observing.header_wcs_cards(ccd, v))
+                raw_file.append(writer.raw_hdu(header, raw))
+                del raw
+                rows = []
+                for amp in decam.AMP_NAMES:
+                    a = sig.amps[amp]
+                    rows.append({
+                        "visit": v.expnum, "detector": ccd, "detpos": decam.ccd_info(ccd).name, "amp": amp,
+                        "gain_e_per_adu": a.gain, "read_noise_e": a.read_noise_e, "read_noise_adu": a.read_noise_adu,
+                        "saturation_adu": a.saturation_adu, "full_well_e": a.full_well_e,
+                        "bias_level_adu": bias.level[amp], "bias_row_mean_adu": float(np.mean(bias.rows[amp])),
+                        "header_gain": a.header_gain, "header_read_noise": a.header_read_noise,
+                        "header_saturation": a.header_saturation,
+                        "crosstalk_coeff_from_other_amp": signature.crosstalk_coefficient(ccd, amp),
+                        "flat_gain_e_per_adu": sig.flat_gain(), **info,
+                    })
+                sig_rows[(v.index, ccd)] = rows
+                bias_rows[(v.index, ccd)] = [pd.DataFrame({
                     "visit": v.expnum, "detector": ccd, "amp": amp,
                     "raw_row": np.arange(decam.RAW_SHAPE[0], dtype=np.int32), "bias_adu": bias.rows[amp],
-                }))
-            log.info("visit %d CCD %d (%s): %d stars, %d galaxies, %d cosmic rays, %d saturated px, %.1f s",
-                     v.expnum, ccd, decam.ccd_info(ccd).name, info["n_stars_rendered"], info["n_galaxies_rendered"],
-                     info["n_cosmic_rays"], info["n_saturated_pixels"], time.perf_counter() - tc)
-        path = outdir / "raw" / v.filename
-        writer.write_raw(path, writer.raw_primary_header(v, p, len(extensions)), extensions)
-        raw_paths.append(f"raw/{v.filename}")
-        log.info("wrote %s (visit %d, %s, FWHM %.2f\", %.1f s)", path.name, v.expnum,
-                 "template" if v.is_template else "science", v.fwhm_arcsec, time.perf_counter() - t0)
+                }) for amp in decam.AMP_NAMES]
+                t_visit[v.expnum] += time.perf_counter() - tc
+                log.info("visit %d CCD %d (%s): %d stars, %d galaxies, %d cosmic rays, %d saturated px, %.1f s",
+                         v.expnum, ccd, decam.ccd_info(ccd).name, info["n_stars_rendered"],
+                         info["n_galaxies_rendered"], info["n_cosmic_rays"], info["n_saturated_pixels"],
+                         time.perf_counter() - tc)
+            del sig
+    for v in visits:
+        log.info("wrote %s (visit %d, %s, FWHM %.2f\", %.1f s)", v.filename, v.expnum,
+                 "template" if v.is_template else "science", v.fwhm_arcsec, t_visit[v.expnum])
+    # Truth rows in visit order, then the preset's CCD order (as when visits were simulated in turn).
+    order = [(v.index, c) for v in visits for c in p.ccds]
+    sig_rows = [row for key in order for row in sig_rows[key]]
+    bias_rows = [frame for key in order for frame in bias_rows[key]]
 
     truth_dir = outdir / "truth"
     write_parquet(refcat, outdir / "refcat.parquet")

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from apsnake.instruments import decam
+
 
 @dataclass(frozen=True)
 class VisitSpec:
@@ -183,5 +185,15 @@ PRESETS: dict[str, Preset] = {
         field_ra=150.1, field_dec=-40.0,
         n_transients=18, n_variables=18, n_asteroids=4, n_bright_stars=4,
         star_density_deg2=90000.0, object_name="crowded sim",
+    ),
+    # A whole focal plane (issue 14): every science CCD in service on the demo's nights (the
+    # instrument module's outages: all 62 but N30 and S30, so 60), one template and two science
+    # visits of the demo plan (association links the two science visits). Time-domain objects
+    # at the `test` preset's density per CCD (5 transients and 5 variables), one asteroid and
+    # one bright (saturating) star per CCD. Not run in CI: ~180 CCD images to simulate.
+    "focalplane": Preset(
+        name="focalplane", ccds=decam.working_ccdnums(_DEMO_SCIENCE[0].start_utc), band="g", exptime=90.0,
+        visits=_DEMO_TEMPLATES[:1] + _DEMO_SCIENCE[:2],
+        n_transients=300, n_variables=300, n_asteroids=60, n_bright_stars=60,
     ),
 }

@@ -5,6 +5,7 @@ Every file goes through :func:`apsnake.atomic.atomic_output` (temporary name + r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -147,22 +148,85 @@ def raw_extension_header(sig: CcdSignature, wcs_cards: dict):
     return h
 
 
+class MefWriter:
+    """Write a multi-extension FITS file one extension at a time (a context manager).
+
+    Only the extension being appended is in memory, so a whole focal plane (60 raw CCDs, or
+    60 float32 calibration images, 2 GB) is never held at once. The file is written under a
+    temporary name and renamed onto ``path`` when the ``with`` block ends without an error
+    (:func:`apsnake.atomic.atomic_output`); the bytes are those ``HDUList.writeto`` writes for
+    the same HDUs.
+
+    Parameters
+    ----------
+    path : str or Path
+    primary : astropy.io.fits.Header
+        Primary header (``NEXTEND`` is set to ``n_ext``).
+    n_ext : int
+        Number of extensions that will be appended (checked on exit).
+    """
+
+    def __init__(self, path: str | Path, primary, n_ext: int):
+        self.path, self.primary, self.n_ext, self.written = Path(path), primary, int(n_ext), 0
+        self._stack = contextlib.ExitStack()
+        self._tmp: Path | None = None
+
+    def __enter__(self) -> "MefWriter":
+        from astropy.io import fits
+
+        self._tmp = self._stack.enter_context(atomic_output(self.path))
+        hdu = fits.PrimaryHDU(header=self.primary)
+        hdu.header["NEXTEND"] = self.n_ext
+        if self.n_ext and "EXTEND" not in hdu.header:
+            hdu.header.set("EXTEND", True, after="NAXIS")  # as HDUList.writeto adds it
+        fits.HDUList([hdu]).writeto(self._tmp)
+        return self
+
+    def append(self, hdu) -> None:
+        """Append one extension HDU to the file."""
+        from astropy.io import fits
+
+        with fits.open(self._tmp, mode="append") as hdul:
+            hdul.append(hdu)
+        self.written += 1
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None and self.written != self.n_ext:
+            err = ValueError(f"{self.path.name}: {self.written} extensions written, {self.n_ext} announced")
+            self._stack.__exit__(ValueError, err, None)
+            raise err
+        return self._stack.__exit__(exc_type, exc, tb)
+
+
+def raw_hdu(header, data: np.ndarray):
+    """One raw extension: RICE tile-compressed uint16, EXTNAME = DETPOS."""
+    from astropy.io import fits
+
+    if data.dtype != np.uint16 or data.shape != decam.RAW_SHAPE:
+        raise ValueError(f"raw CCD {header['CCDNUM']}: need uint16 {decam.RAW_SHAPE}, "
+                         f"got {data.dtype} {data.shape}")
+    return fits.CompImageHDU(data=data, header=header, name=str(header["DETPOS"]),
+                             compression_type="RICE_1", tile_shape=RAW_TILE_SHAPE)
+
+
+def raw_extension_order(ccdnums) -> list[int]:
+    """CCDNUMs in the order of a raw file's extensions (the usual SISPI HDU order)."""
+    return sorted((int(c) for c in ccdnums), key=lambda c: decam.ccd_info(c).usual_hdu)
+
+
 def write_raw(path: str | Path, primary, extensions: list[tuple[object, np.ndarray]]) -> None:
     """Write a raw MEF: primary header + one RICE tile-compressed uint16 extension per CCD.
 
     ``extensions`` holds (header, data) pairs; they are written in the usual SISPI HDU order
-    (``decam.ccd_info(n).usual_hdu``), EXTNAME = DETPOS.
+    (``decam.ccd_info(n).usual_hdu``), EXTNAME = DETPOS. :class:`MefWriter` with
+    :func:`raw_hdu` writes the same file one CCD at a time.
     """
     from astropy.io import fits
 
     order = sorted(extensions, key=lambda e: decam.ccd_info(int(e[0]["CCDNUM"])).usual_hdu)
     hdus = [fits.PrimaryHDU(header=primary)]
     for header, data in order:
-        if data.dtype != np.uint16 or data.shape != decam.RAW_SHAPE:
-            raise ValueError(f"raw CCD {header['CCDNUM']}: need uint16 {decam.RAW_SHAPE}, "
-                             f"got {data.dtype} {data.shape}")
-        hdus.append(fits.CompImageHDU(data=data, header=header, name=str(header["DETPOS"]),
-                                      compression_type="RICE_1", tile_shape=RAW_TILE_SHAPE))
+        hdus.append(raw_hdu(header, data))
     hdus[0].header["NEXTEND"] = len(hdus) - 1
     with atomic_output(path) as tmp:
         fits.HDUList(hdus).writeto(tmp)
@@ -194,20 +258,27 @@ def calib_primary_header(obstype: str, date_obs: str, band: str | None, night: s
     return h
 
 
+def calib_hdu(ccdnum: int, data: np.ndarray, bunit: str):
+    """One master-calibration extension (EXTNAME = DETPOS, CCDNUM, BUNIT)."""
+    from astropy.io import fits
+
+    if data.shape != decam.TRIMMED_SHAPE:
+        raise ValueError(f"calibration CCD {ccdnum}: shape {data.shape}, expected {decam.TRIMMED_SHAPE}")
+    hdu = fits.ImageHDU(data=data, name=decam.ccd_info(ccdnum).name)
+    hdu.header["CCDNUM"] = (ccdnum, "CCD number")
+    hdu.header["DETPOS"] = (decam.ccd_info(ccdnum).name, "detector position ID")
+    hdu.header["BUNIT"] = bunit
+    return hdu
+
+
 def write_calib(path: str | Path, primary, images: dict[int, np.ndarray], bunit: str) -> None:
-    """Write a master calibration MEF: one image HDU per CCD (EXTNAME = DETPOS, CCDNUM)."""
+    """Write a master calibration MEF: one image HDU per CCD (EXTNAME = DETPOS, CCDNUM), in
+    CCDNUM order (:class:`MefWriter` with :func:`calib_hdu` writes the same file one CCD at a time)."""
     from astropy.io import fits
 
     hdus = [fits.PrimaryHDU(header=primary)]
     for ccdnum in sorted(images):
-        data = images[ccdnum]
-        if data.shape != decam.TRIMMED_SHAPE:
-            raise ValueError(f"calibration CCD {ccdnum}: shape {data.shape}, expected {decam.TRIMMED_SHAPE}")
-        hdu = fits.ImageHDU(data=data, name=decam.ccd_info(ccdnum).name)
-        hdu.header["CCDNUM"] = (ccdnum, "CCD number")
-        hdu.header["DETPOS"] = (decam.ccd_info(ccdnum).name, "detector position ID")
-        hdu.header["BUNIT"] = bunit
-        hdus.append(hdu)
+        hdus.append(calib_hdu(ccdnum, images[ccdnum], bunit))
     hdus[0].header["NEXTEND"] = len(hdus) - 1
     with atomic_output(path) as tmp:
         fits.HDUList(hdus).writeto(tmp)
