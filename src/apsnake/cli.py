@@ -126,12 +126,14 @@ def _alerts_cutouts(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from apsnake.sim.presets import PRESETS
+
     parser = argparse.ArgumentParser(prog="apsnake", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="simulate a DECam night in the real raw format")
     p.add_argument("outdir", type=Path)
-    p.add_argument("--preset", default="demo", choices=["demo", "test", "dense", "crowded", "focalplane"])
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=_simulate)
 
