@@ -126,27 +126,38 @@ def test_stacked_growth_curve_measures_the_halo():
 
 @pytest.mark.parametrize("psfs", [HALO_WIDE_IN_SCIENCE, HALO_WIDE_IN_TEMPLATE], ids=["science-halo", "template-halo"])
 def test_halo_mismatch_leaves_no_ring(psfs):
-    """Science and template halos of 5 % and 2 % of the flux, with different core betas: the
-    residual at 3-5 arcsec around g = 16-20 stars, stacked over all of them, is 2.5 times smaller
-    than the core kernel's or more and within 4 sigma (issue 11 asks for 3: met here when the halo terms
-    are fitted to S/N >= 50 stars, not with the default S/N >= 200, which does better on the
-    simulated nights); no single star beyond what noise gives; the photometric scale (1 in
-    truth) within 2 %, where the core kernel alone is 4 % off."""
+    """Science and template halos of 5 % and 2 % of the flux, with different core betas.
+    The kernel alone (no star profiles): the residual at 3-5 arcsec around g = 16-20 stars,
+    stacked over all of them, is 2.5 times smaller than the core kernel's or more and within
+    4 sigma (3 when the halo terms are fitted to S/N >= 50 stars, not the default S/N >= 200,
+    which does better on the simulated nights); the photometric scale (1 in truth) within 2 %,
+    where the core kernel alone is 4 % off. The whole subtraction (the kernel, then the round
+    residuals of the S/N >= 300 stars taken out, ``star_profiles``): no single star's ring
+    above 3 sigma, as issue 11 asks; stacked over the ~60 stars within 3.5 sigma (3.2 in the
+    science-halo case: what is left is below each star's noise, and lowering the profiles'
+    S/N or significance limits adds noise to single stars, 2.2 -> 3.1 sigma)."""
     science, template, sources, truth = _pair(2, *psfs)
     stars = (truth["mags"] >= 16) & (truth["mags"] < 20)
-    result = subtract(science, template, sources, DiffimConfig())
-    per_star, stacked = _ring_significance(result.difference, truth["x"][stars], truth["y"][stars])
-    core_only = subtract(science, template, sources, DiffimConfig(halo_encircled_energy=None))
+    kernel_only = subtract(science, template, sources, DiffimConfig(star_profile_min_snr=None))
+    per_star, stacked = _ring_significance(kernel_only.difference, truth["x"][stars], truth["y"][stars])
+    core_only = subtract(science, template, sources, DiffimConfig(halo_encircled_energy=None,
+                                                                  star_profile_min_snr=None))
     _, stacked_core = _ring_significance(core_only.difference, truth["x"][stars], truth["y"][stars])
-    print(f"kernel {result.metadata['kernel_size']} px (sigmas {result.metadata['kernel_sigmas']}), ring: stacked "
-          f"{stacked:.1f}, worst star {np.abs(per_star).max():.1f} sigma; core-sized kernel "
-          f"{core_only.metadata['kernel_size']} px: stacked {stacked_core:.1f} sigma")
+    result = subtract(science, template, sources, DiffimConfig())
+    per_star_all, stacked_all = _ring_significance(result.difference, truth["x"][stars], truth["y"][stars])
+    print(f"kernel {kernel_only.metadata['kernel_size']} px (sigmas {kernel_only.metadata['kernel_sigmas']}), ring: "
+          f"stacked {stacked:.1f}, worst star {np.abs(per_star).max():.1f} sigma; core-sized kernel "
+          f"{core_only.metadata['kernel_size']} px: stacked {stacked_core:.1f} sigma; with star profiles "
+          f"({result.metadata['star_profiles_n_corrected']} of {result.metadata['star_profiles_n_stars']} stars "
+          f"corrected): stacked {stacked_all:.1f}, worst star {np.abs(per_star_all).max():.1f} sigma")
     assert len(per_star) > 30
     assert abs(stacked) < 4.0 and abs(stacked) < abs(stacked_core) / 2.5 and np.abs(per_star).max() < 4.0
     assert abs(stacked_core) > 5.0
-    assert abs(result.metadata["kernel_sum"] - 1) < 0.02 and abs(core_only.metadata["kernel_sum"] - 1) > 0.012
-    strict = subtract(science, template, sources, DiffimConfig(halo_fit_min_snr=50))
+    assert abs(kernel_only.metadata["kernel_sum"] - 1) < 0.02 and abs(core_only.metadata["kernel_sum"] - 1) > 0.012
+    strict = subtract(science, template, sources, DiffimConfig(halo_fit_min_snr=50, star_profile_min_snr=None))
     assert abs(_ring_significance(strict.difference, truth["x"][stars], truth["y"][stars])[1]) < 3.0
+    assert result.metadata["star_profiles_n_stars"] > 20  # examined; corrected only where significant
+    assert np.abs(per_star_all).max() < 3.0 and abs(stacked_all) < 3.5
 
 
 def test_flux_ratio_outliers_finds_a_variable_among_the_candidates():

@@ -105,6 +105,19 @@ class DiffimConfig:
     halo_min_reach_fwhm : float
         The halo terms reach at least this many times the wider FWHM (where DECam halos still
         hold flux), whatever the measurement says.
+    star_profile_min_snr : float or None
+        Round residuals (rings) of the difference image around stars of at least this S/N, and
+        around stars with saturated centres, are measured and the significant part taken out
+        (``star_profiles``). None: not done.
+    star_profile_radius, star_profile_radius_saturated : float
+        Outer radius of those profiles, pixels, around unsaturated and saturated stars.
+    star_profile_inner_fwhm : float
+        Inner radius of the profiles, in FWHM of the wider PSF: the star's core (and a variable
+        star's own difference) are left as they are.
+    star_profile_max_stars : int
+        At most this many stars (saturated ones first, then the brightest).
+    star_profile_significance : float
+        A profile knot is subtracted only when it is at least this many times its error.
     stamp_fwhm_scaling : float
         Fit stamp half-width = max(kernel half-width, ceil(this * FWHM of the target image)).
     n_iter : int
@@ -171,6 +184,12 @@ class DiffimConfig:
     halo_rounds: int = 2
     halo_min_stars: int = 3
     halo_min_reach_fwhm: float = 10.0
+    star_profile_min_snr: float | None = 300.0
+    star_profile_radius: float = 40.0
+    star_profile_radius_saturated: float = 160.0
+    star_profile_inner_fwhm: float = 2.5
+    star_profile_max_stars: int = 300
+    star_profile_significance: float = 3.0
     stamp_fwhm_scaling: float = 2.5
     n_iter: int = 3
     max_residual_mean: float = 0.25
