@@ -590,3 +590,59 @@ def test_residual_touching_saturated_pixels_is_not_split():
     assert len(detect_dia_sources(diff, sci, tmpl, time_processed_mjd=1.0)) == 0  # SAT centre: dropped
     split = detect_dia_sources(diff, sci, tmpl, replace(KEEP_ALL, deblend_skip_planes=()), time_processed_mjd=1.0)
     assert len(split) == 2
+
+
+def test_cosmic_rays_the_calibration_missed_are_filtered_not_point_sources():
+    """Single-pixel and two-pixel spikes (cosmic rays left unmasked in the science image) at a
+    detection S/N of 5-12 are dropped (``filter_max_peak_excess``); PSF-shaped sources of the
+    same S/N are all kept, and without the rule the spikes are detected."""
+    rng = np.random.default_rng(21)
+    x, y = _grid(rng, 64)
+    x, y = np.round(x), np.round(y)  # spikes sit on pixels
+    is_cr = np.arange(x.size) % 2 == 0
+    snr = rng.uniform(5.5, 12, x.size)
+    diff, sci, tmpl = make_images(transients=[(a, b, s * FLUX_PER_SNR) for a, b, s, c in zip(x, y, snr, is_cr) if not c],
+                                  seed=5)
+    for k in np.flatnonzero(is_cr):
+        # A delta's PSF flux is ~2x its flux: this spike is detected at about the drawn S/N.
+        flux = 0.5 * snr[k] * FLUX_PER_SNR
+        ix, iy = int(x[k]), int(y[k])
+        if k % 4 == 0:
+            diff.image[iy, ix] += flux
+            sci.image[iy, ix] += flux
+        else:  # two pixels, diagonal
+            for dx in (0, 1):
+                diff.image[iy + dx, ix + dx] += flux / 1.6
+                sci.image[iy + dx, ix + dx] += flux / 1.6
+    default = detect_dia_sources(diff, sci, tmpl, time_processed_mjd=1.0).to_pandas()
+    without = detect_dia_sources(diff, sci, tmpl, DiaConfig(filter_max_peak_excess=None),
+                                 time_processed_mjd=1.0).to_pandas()
+    found_default, _ = _match(default, x, y)
+    found_without, _ = _match(without, x, y)
+    assert np.array_equal(found_default[~is_cr], found_without[~is_cr]) and found_without[~is_cr].mean() > 0.9
+    assert found_without[is_cr].mean() > 0.9
+    assert found_default[is_cr].mean() < 0.1, found_default[is_cr].sum()
+
+
+def test_core_residuals_of_bright_stars_are_filtered_transients_on_them_kept():
+    """Bright template stars (200,000 nJy) whose difference holds 2 % of their flux, a PSF-
+    matching error (detection S/N ~ 20 in the pixel noise, ~1.4 once 1 % of the template flux
+    is in the noise): dropped by ``filter_matching_snr``, found without it. Stars that really
+    changed by 15 % (S/N ~ 9 with the matching error) are kept, and so are faint transients on
+    empty sky (the rule changes nothing where the template is empty)."""
+    rng = np.random.default_rng(22)
+    x, y = _grid(rng, 80)
+    kind = np.arange(x.size) % 3  # 0: residual of a static star, 1: a star that changed, 2: a transient
+    star = 2e5
+    base = [(a, b, star) for a, b, k in zip(x, y, kind) if k < 2]
+    change = [(a, b, (0.02 if k == 0 else 0.15) * star) for a, b, k in zip(x, y, kind) if k < 2]
+    transients = [(a, b, 7 * FLUX_PER_SNR) for a, b, k in zip(x, y, kind) if k == 2]
+    diff, sci, tmpl = make_images(static=base, transients=change + transients, seed=6)
+    default = detect_dia_sources(diff, sci, tmpl, time_processed_mjd=1.0).to_pandas()
+    without = detect_dia_sources(diff, sci, tmpl, DiaConfig(filter_matching_snr=False),
+                                 time_processed_mjd=1.0).to_pandas()
+    found_default, _ = _match(default, x, y)
+    found_without, _ = _match(without, x, y)
+    assert found_without[kind == 0].all() and not found_default[kind == 0].any()
+    assert found_default[kind == 1].all() and found_default[kind == 2].mean() > 0.9
+    assert np.array_equal(found_default[kind == 2], found_without[kind == 2])

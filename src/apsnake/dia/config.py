@@ -97,6 +97,16 @@ class DiaConfig:
     filter_min_science_snr : float or None
         Drop sources with scienceFlux / scienceFluxErr below this [minAllowedDirectSnr=-2];
         None disables.
+    filter_max_peak_excess : float or None
+        Drop sources (not dipoles) whose centre pixel is brighter than their PSF flux predicts
+        by more than this many sigma (``measure.peak_excess_sigma``): sharper than the PSF, a
+        cosmic ray that the calibration did not mask (not in Rubin, whose real/bogus
+        classifier does this). None disables.
+    filter_matching_snr : bool
+        Drop sources (not dipoles) whose detection S/N, scaled by the ratio of the PSF-flux
+        error without and with the ``template_flux_error`` term, is below ``threshold``: a
+        difference that PSF-matching error of the template flux explains (the cores of bright
+        stars; not in Rubin). Needs ``template_flux_error`` > 0 and a matched template.
     """
 
     threshold: float = 5.0
@@ -126,6 +136,8 @@ class DiaConfig:
     filter_center_any: tuple = ("CR",)
     filter_center_all: tuple = ("HIGH_VARIANCE",)
     filter_min_science_snr: float | None = -2.0
+    filter_max_peak_excess: float | None = 4.0
+    filter_matching_snr: bool = True
 
     def __post_init__(self):
         if not self.threshold > 0:

@@ -17,7 +17,11 @@ filterDiaSourceCatalog and ``DiaSource.yaml``; docs/algorithms.md, DIA sources):
 4. **Drop and filter** (configurable): Rubin detectAndMeasure drops sources off the image,
    with all 3x3 centre pixels INTRP, or with BAD/EDGE/NO_DATA/SAT/SAT_TEMPLATE/SPIKE pixels in
    the centre; filterDiaSourceCatalog drops centroid failures, CR centres, sources with all
-   centre pixels HIGH_VARIANCE, and science-image S/N below -2.
+   centre pixels HIGH_VARIANCE, and science-image S/N below -2; and (not in Rubin) sources
+   whose centre pixel is sharper than the PSF (``measure.peak_excess_sigma`` above
+   ``filter_max_peak_excess``): cosmic rays that the calibration did not mask; and sources
+   whose detection S/N falls below the threshold once ``template_flux_error`` of the template's
+   PSF flux is added to its noise (``filter_matching_snr``): core residuals of bright stars.
 5. **Standardise**: positions from the difference WCS, errors through the local WCS
    Jacobian; fluxes in nJy; IDs from ``ids.dia_source_ids`` in (y, x) order; the table is
    ``schema.conform(..., 'DiaSource')``.
@@ -40,8 +44,8 @@ import numpy as np
 from apsnake.dia.config import DiaConfig, DiaError
 from apsnake.dia.detect import centroid_errors, detect_footprints
 from apsnake.dia.dipole import dipole_columns, fit_dipoles
-from apsnake.dia.measure import (aperture_photometry, center_planes, local_jacobian, pixel_flags, psf_photometry,
-                                 shapes)
+from apsnake.dia.measure import (aperture_photometry, center_planes, local_jacobian, peak_excess_sigma, pixel_flags,
+                                 psf_photometry, shapes)
 from apsnake.exposure import Exposure
 from apsnake.ids import dia_source_ids
 from apsnake.numerics import polynomial_frame
@@ -125,6 +129,7 @@ def detect_dia_sources(difference: Exposure, science: Exposure | None, matched_t
     # 3. Measurements.
     cols: dict[str, np.ndarray] = {}
     cols.update(psf_photometry(difference, bad_meas_d, x, y, calib_d, ""))
+    sharpness = peak_excess_sigma(difference, x, y, cols["psfFlux"] / calib_d, cols["psfFluxErr"] / abs(calib_d))
     if science is not None:
         forced = psf_photometry(science, bad_s, x, y, science.njy_per_unit("science image"), "forced_")
         cols["scienceFlux"], cols["scienceFluxErr"] = forced.pop("forced_psfFlux"), forced.pop("forced_psfFluxErr")
@@ -141,9 +146,15 @@ def detect_dia_sources(difference: Exposure, science: Exposure | None, matched_t
     for name in ("psfFlux", "psfFluxErr", "scienceFlux", "scienceFluxErr", "templateFlux", "templateFluxErr"):
         if name in cols:
             cols[name] = cols[name] * apcorr
+    # The detection S/N with the template's PSF-matching error in its noise: a 1 % residual of a
+    # bright star's core is coherent over the PSF and far above its pixel noise.
+    snr_with_matching = np.abs(snr)
     if cfg.template_flux_error > 0 and "templateFlux" in cols:
         matching = cfg.template_flux_error * np.nan_to_num(np.abs(cols["templateFlux"]))
-        cols["psfFluxErr"] = np.hypot(cols["psfFluxErr"], matching)
+        pixel_noise = cols["psfFluxErr"]
+        cols["psfFluxErr"] = np.hypot(pixel_noise, matching)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            snr_with_matching = np.abs(snr) * np.where(cols["psfFluxErr"] > 0, pixel_noise / cols["psfFluxErr"], 1.0)
     cols.update(aperture_photometry(image, variance, bad_meas_d, x, y, cfg.aperture_radius, calib_d))
     flags, drop_any, drop_all = pixel_flags(difference, labels, fp_idx, fp_lab, n, x, y, cfg)
     cols.update(flags)
@@ -181,6 +192,10 @@ def detect_dia_sources(difference: Exposure, science: Exposure | None, matched_t
             with np.errstate(divide="ignore", invalid="ignore"):
                 direct = cols["scienceFlux"] / cols["scienceFluxErr"]
             keep_f &= ~(direct < cfg.filter_min_science_snr)
+        if cfg.filter_max_peak_excess is not None:
+            keep_f &= ~(~cols["isDipole"] & (sharpness > cfg.filter_max_peak_excess))
+        if cfg.filter_matching_snr:
+            keep_f &= ~(~cols["isDipole"] & (snr_with_matching < cfg.threshold))
         keep &= keep_f
     log.info("data ID %s: %d sources, %d dropped by the detectAndMeasure flags, %d more by the filter",
              difference.data_id, n, n_drop, n - n_drop - int(keep.sum()))

@@ -117,9 +117,10 @@ def subtract_star_profiles(image: np.ndarray, variance: np.ndarray, bad: np.ndar
         ring = np.floor(r[good] - r_in).astype(np.int64) + 1  # ring 1 = [r_in, r_in + 1)
         labels = np.arange(1, int(ring.max()) + 1)
         counts = np.bincount(ring, minlength=len(labels) + 1)[1:]
-        medians = np.asarray(ndimage.median(box[good], ring, labels), float)
-        mean_var = np.asarray(ndimage.mean(variance[y0:y1, x0:x1][good], ring, labels), float)
         use = counts >= min_pixels_per_ring
+        with np.errstate(invalid="ignore", divide="ignore"):  # empty rings: NaN, left out by ``use``
+            medians = np.asarray(ndimage.median(box[good], ring, labels), float)
+            mean_var = np.asarray(ndimage.mean(variance[y0:y1, x0:x1][good], ring, labels), float)
         if use.sum() < 3:
             continue
         # The median of n Gaussian values scatters by sqrt(pi / 2) sigma / sqrt(n).
