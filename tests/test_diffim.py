@@ -610,10 +610,12 @@ def test_real_stamps_kernel_never_uses_the_transient():
     s_img, s_var, s_psf = stacked(scis)
     both = subtract(_real_exposure(s_img, s_var, s_psf, 1), template).metadata["kernel_sum"]
     print(f"kernel sums per stamp {np.round(sums, 4)}, mean {np.mean(sums):.4f}; stacked epochs {both:.4f}")
-    # Issue 11 asks for 1 %. With 3-5 kernel stars per stamp the per-stamp sums scatter by
-    # +-2.5 % (0.985-1.047), so their mean is known to ~1 %; measured 1.15 % (stacked 1.005, mean
-    # 1.017) since a kernel fit rejects at most a tenth of its stars per iteration.
-    assert abs(both / np.mean(sums) - 1) < 0.015
+    # Issue 11 asks for 1 %. The per-stamp sums scatter by +-2.5 % (0.985-1.047: 3-5 kernel
+    # stars, the brightest of which sets the sum); the stacked fit agrees with their mean to 0.2 %
+    # (1.0187 vs 1.0165). It was 1.15 % off (1.0049) while the halo terms, fitted on the stack's
+    # five bright stars at 2.8-3 sigma each, moved its sum by -1.2 %: terms that are not jointly
+    # significant are now left out (``halo.fit_profiles``).
+    assert abs(both / np.mean(sums) - 1) < 0.01
 
 
 def test_model_error_adds_a_floor_where_the_template_is_bright(al_pair):

@@ -262,3 +262,26 @@ def test_fit_profiles_recovers_the_coefficients_despite_an_odd_star():
     assert np.all(np.abs(coeffs - truth) < 0.05) and np.all(np.isfinite(errors))
     few = fit_profiles(residual[:3], [t[:3] for t in terms], noise[:3], flux[:3])
     assert np.all(few[0] == 0) and np.all(np.isinf(few[1]))
+
+
+def test_fit_profiles_leaves_out_terms_that_noise_explains():
+    """Five stars (a small image, as the real DECam stamps): the terms fitted to pure noise are
+    dropped (they moved the stacked stamps' kernel sum by 1.2 %) in all but ~0.1 % of
+    realisations; a real halo difference of the same stars, at a total S/N of 20, is kept."""
+    rng = np.random.default_rng(9)
+    n_stars, n_rings = 5, 10
+    flux = 10 ** rng.uniform(5, 6.5, n_stars)
+    shapes = [np.exp(-np.arange(n_rings) / 2.0), np.exp(-np.arange(n_rings) / 6.0)]
+    terms = [np.outer(flux, s) * 0.02 for s in shapes]
+    noise = np.sqrt(np.outer(flux, np.ones(n_rings))) * 3
+    kept = 0
+    for _ in range(200):
+        coeffs, errors = fit_profiles(rng.normal(size=noise.shape) * noise, terms, noise, flux)
+        kept += bool(coeffs.any())
+        assert np.all(np.isfinite(errors))  # the errors are reported either way
+    assert kept <= 3
+    truth = np.array([0.8, -0.5])
+    signal = sum(c * t for c, t in zip(truth, terms))
+    signal *= 20 / np.sqrt(np.sum((signal / noise) ** 2))
+    coeffs, _ = fit_profiles(signal + rng.normal(size=noise.shape) * noise, terms, noise, flux)
+    assert coeffs.any()

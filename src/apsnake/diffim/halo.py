@@ -31,6 +31,7 @@ import math
 import time
 
 import numpy as np
+from scipy.special import chdtri
 
 from apsnake.diffim.config import DiffimConfig
 from apsnake.diffim.convolve import FFT_WORKERS
@@ -138,7 +139,7 @@ def ring_sums(stamps: np.ndarray, good: np.ndarray, edges) -> np.ndarray:
 
 
 def fit_profiles(residual_rings: np.ndarray, term_rings: list[np.ndarray], noise_rings: np.ndarray, flux: np.ndarray,
-                 clip: float = 9.0, n_iter: int = 3) -> tuple[np.ndarray, np.ndarray]:
+                 clip: float = 9.0, n_iter: int = 3, p_false: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
     """Coefficients ``c`` (and errors) of ``residual ~ sum_j c_j term_j`` fitted to the stars'
     ring profiles in units of each star's flux, by weighted least squares over all (star, ring)
     pairs.
@@ -147,6 +148,12 @@ def fit_profiles(residual_rings: np.ndarray, term_rings: list[np.ndarray], noise
     (the brightest stars count alike: one of them, saturated or with a neighbour, must not set
     the fit alone); stars whose mean chi^2 exceeds ``clip`` times the median star's (a variable
     star, a galaxy, a neighbour's halo in its rings) are dropped and the fit repeated.
+
+    The terms are kept only when together they are significant: ``c^T C^-1 c`` (``C`` the
+    coefficients' covariance, scaled by the fit's chi^2) above the chi^2 quantile of
+    ``n_terms`` degrees of freedom that noise alone exceeds with probability ``p_false``.
+    With a handful of bright stars (a small image) the fitted terms are otherwise noise that
+    moves the kernel sum by a per cent or more.
 
     ``residual_rings``, ``term_rings[j]``, ``noise_rings``: (n_stars, n_rings) ring sums (the
     noise as the standard deviation of the sum); ``flux``: (n_stars,) in the same unit.
@@ -180,6 +187,9 @@ def fit_profiles(residual_rings: np.ndarray, term_rings: list[np.ndarray], noise
         if keep.sum() == use.sum():
             break
         use = keep
+    significance = float(coeffs @ np.linalg.pinv(cov * max(scale, 1.0)) @ coeffs)
+    if not significance > chdtri(n, p_false):
+        return np.zeros(n), errors
     return coeffs, errors
 
 
