@@ -254,3 +254,14 @@ def test_cosmic_ray_replay_matches_the_simulated_night(sim_test_dir):
         pixels = sites.cosmic_ray_pixels(str(sim_test_dir), int(visit), int(detector))
         assert pixels is not None, (visit, detector)
         assert len(pixels) > 0
+
+
+def test_blended_mixes_counts_only_pairs_closer_than_the_blend_distance():
+    from apsnake.sim.evaluate import blended_mixes
+
+    dec = 2.0
+    positions = pd.DataFrame({"ra": [150.0, 150.0 + 1.3 / 3600 / np.cos(np.radians(dec)), 150.0, 150.01],
+                              "dec": [dec, dec, dec + 3.0 / 3600, dec]}, index=[1, 2, 3, 4])
+    # 1-2: 1.3 arcsec apart (a blend); 1-3: 3 arcsec (resolved); 4 with 5: 5 is an asteroid (absent)
+    assert blended_mixes([np.array([1, 2]), np.array([1, 3]), np.array([4, 5])], positions, 1.5) == 1
+    assert blended_mixes([np.array([1, 2, 3])], positions, 1.5) == 0
