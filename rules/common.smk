@@ -141,6 +141,12 @@ def product(name, ext="fits"):
     return f"{OUT}/{name}/{{visit}}/{name}_{{visit}}_{{detector}}.{ext}"
 
 
+def intermediate(path):
+    """``path`` as an intermediate product: Snakemake deletes it once every job that reads it
+    has run when ``keep_postisr`` is false (``temp()``; a file asked for as a target is kept)."""
+    return path if config.get("keep_postisr", True) else temp(path)
+
+
 def expand_data_ids(pattern, science_only=False):
     """Every selected data ID's file for a product pattern, detector zero-padded.
 

@@ -29,7 +29,7 @@ rule isr:
     input:
         unpack(isr_inputs),
     output:
-        exposure=product("postISR"),
+        exposure=intermediate(product("postISR")),
         metadata=product("postISR", "json"),
     log:
         f"{OUT}/logs/isr/{{visit}}/isr_{{visit}}_{{detector}}.log",
