@@ -10,11 +10,11 @@ visit, detector = int(snakemake.wildcards.visit), int(snakemake.wildcards.detect
 
 with workflow_step("template", snakemake.log[0], f"visit={visit} detector={detector}"):
     calexp = read_exposure(snakemake.input.calexp)
-    inputs = [read_exposure(path) for path in snakemake.input.inputs]
     if snakemake.params.mode == "single":
-        template = best_single_visit_template(calexp, inputs)
+        # Memory maps: only the chosen visit's calexps are read whole.
+        template = best_single_visit_template(calexp, [read_exposure(p, memmap=True) for p in snakemake.input.inputs])
     else:
-        template = template_for_exposure(calexp, inputs)
+        template = template_for_exposure(calexp, [read_exposure(path) for path in snakemake.input.inputs])
     write_exposure(template, snakemake.output.template)
 
 finish_job()

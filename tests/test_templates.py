@@ -782,3 +782,36 @@ def test_homogenize_psfs_brings_inputs_to_the_widest_psf():
     assert out[0].image.sum() == pytest.approx(1000.0, rel=1e-3)
     assert out[1] is exposures[1]  # the widest input is left alone
     assert np.median(out[0].variance) < 4.0  # per-pixel variance of the smoothed noise
+
+
+def test_best_single_visit_template_from_memory_maps(scene, tmp_path):
+    """The template job hands the candidates over as memory maps (a full focal plane's job has
+    up to ~18 of them): the choice (the best-covering visit; among equals the sharpest PSF)
+    reads their headers, PSFs and a sparse sample of their masks, only the chosen visit is read
+    whole, and the template is identical to the one from fully read candidates."""
+
+    from apsnake.exposure import read_exposure, write_exposure
+    from apsnake.templates import best_single_visit_template
+
+    sky, wcs, truth = scene
+    rng = np.random.default_rng(5)
+    calexp = make_calexp(wcs, CCD, truth, 20.0, rng, visit=1)
+    candidates = []
+    for visit, (dra, ddec) in zip((101, 102, 103), ((0.0004, -0.0003), (0.0, 0.0), (0.02, 0.0))):
+        w = decam_wcs(RA0 + dra, DEC0 + ddec, CCD, rot_deg=0.3)
+        exp = make_calexp(w, CCD, sky.render(w, CCD), 15.0, rng, visit=visit)
+        if visit == 102:  # covers as much, but with a wider PSF: not chosen
+            exp = replace(exp, psf=gauss_psf(SIGMA_X * 1.3, SIGMA_Y * 1.3))
+        path = tmp_path / f"calexp_{visit}.fits"
+        write_exposure(exp, path)
+        candidates.append(path)
+    full = best_single_visit_template(calexp, [read_exposure(p) for p in candidates])
+    mapped_inputs = [read_exposure(p, memmap=True) for p in candidates]
+    assert not mapped_inputs[0].image.dtype.isnative  # the file's big-endian pixels, not read
+    mapped = best_single_visit_template(calexp, mapped_inputs)
+    assert full.metadata["INVISITS"] == mapped.metadata["INVISITS"] == "101"
+    assert np.array_equal(full.image, mapped.image, equal_nan=True)
+    assert np.array_equal(full.mask, mapped.mask) and np.array_equal(full.variance, mapped.variance, equal_nan=True)
+    loaded = mapped_inputs[0].in_memory()
+    assert loaded.image.dtype.isnative and np.array_equal(loaded.image, read_exposure(candidates[0]).image)
+    assert loaded.in_memory() is loaded
