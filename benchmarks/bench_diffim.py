@@ -31,7 +31,7 @@ calexp = read_exposure(f"{{out}}/calexp/419803/calexp_419803_32.fits")
 src = pd.read_parquet(f"{{out}}/src/419803/src_419803_32.parquet")
 reg = pd.read_parquet(f"{{out}}/registry/exposures.parquet")
 template_visits = sorted(set(reg.visit) - set(int(p.split("/")[-1]) for p in glob.glob(f"{{out}}/diaSrc/*")))
-candidates = [read_exposure(p) for v in template_visits for p in sorted(glob.glob(f"{{out}}/calexp/{{v}}/*.fits"))]
+candidates = [read_exposure(p, memmap=True) for v in template_visits for p in sorted(glob.glob(f"{{out}}/calexp/{{v}}/*.fits"))]
 t_read = time.perf_counter() - t
 t = time.perf_counter()
 template = best_single_visit_template(calexp, candidates)
@@ -58,7 +58,7 @@ def main() -> None:
     total = r["template"] + r["diffim"] + r["dia"]
     print(f"kernel {r['kernel']} px, {r['stars']} kernel stars; subtraction steps {r['steps']}")
     report(f"Difference imaging of one full DECam CCD (best of 2, one thread, {r['n']} DIA sources)", [
-        (f"read calexp, src, {r['ncand']} template calexps", r["read"], float("nan")),
+        (f"read calexp, src; open {r['ncand']} template calexps as memory maps", r["read"], float("nan")),
         ("template: best single visit, warped onto the calexp", r["template"], float("nan")),
         ("Alard-Lupton subtraction + decorrelation", r["diffim"], float("nan")),
         ("DIA detection + measurement", r["dia"], float("nan")),
