@@ -131,10 +131,12 @@ def test_postisr_is_deleted_once_its_calexp_exists_when_not_kept(sim_test_dir, t
     assert post_isr.exists()
 
 
-def test_rerun_is_a_no_op_and_one_target_can_be_rebuilt(workflow_run):
-    tmp_path, config, _, _ = workflow_run
-    again = _run(tmp_path, config, "-n")
+def test_rerun_is_a_no_op_and_one_target_can_be_rebuilt(workflow_run, tmp_path):
+    again = _run(workflow_run[0], workflow_run[1], "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
+    # The rebuild on a copy: the shared run stays as it was for the tests after this one.
+    _copy_run(workflow_run, tmp_path, keep_apdb=True)
+    config = tmp_path / "config.yaml"
     exposures = pd.read_parquet(tmp_path / "out" / "registry" / "exposures.parquet")
     visit, detector = int(exposures["visit"].iloc[-1]), int(exposures["detector"].iloc[-1])
     target = tmp_path / "out" / "postISR" / str(visit) / f"postISR_{visit}_{detector:02d}.fits"
