@@ -112,3 +112,16 @@ def test_every_stage_section_of_the_default_config_builds_its_options():
     assert built["calibrate"].astrometry.max_rms_arcsec == config["calibrate"]["astrometry"]["max_rms_arcsec"]
     assert built["diffim"].kernel_star_snr == tuple(config["diffim"]["kernel_star_snr"])
     assert built["isr"].crosstalk is config["isr"]["crosstalk"]
+
+
+def test_the_schemas_simulate_presets_are_the_simulators():
+    """config.schema.yaml's list of presets is the simulator's (a preset added to one must be
+    added to the other)."""
+    from pathlib import Path
+
+    import yaml
+
+    from apsnake.sim.presets import PRESETS
+
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.schema.yaml").read_text())
+    assert sorted(schema["properties"]["simulate"]["properties"]["preset"]["enum"]) == sorted(PRESETS)
