@@ -672,7 +672,10 @@ def test_mef_writer_writes_the_same_bytes_one_extension_at_a_time(tmp_path):
     rng = np.random.default_rng(5)
     images = {c: rng.normal(0.0, 1.0, decam.TRIMMED_SHAPE).astype(np.float32) for c in (32, 25)}
     header = writer.calib_primary_header("zero", "2015-03-16T20:00:00.000", None, "150316", 2)
-    writer.write_calib(tmp_path / "all.fits", header.copy(), images, "adu")
+    reference = fits.HDUList([fits.PrimaryHDU(header=header.copy())]
+                             + [writer.calib_hdu(c, images[c], "adu") for c in sorted(images)])
+    reference[0].header["NEXTEND"] = 2
+    reference.writeto(tmp_path / "all.fits")
     with writer.MefWriter(tmp_path / "one.fits", header.copy(), 2) as mef:
         for c in sorted(images):
             mef.append(writer.calib_hdu(c, images[c], "adu"))
@@ -680,7 +683,10 @@ def test_mef_writer_writes_the_same_bytes_one_extension_at_a_time(tmp_path):
     raw = {c: rng.integers(1000, 3000, decam.RAW_SHAPE).astype(np.uint16) for c in (32, 25)}
     headers = {c: fits.Header([("CCDNUM", c), ("DETPOS", decam.ccd_info(c).name)]) for c in raw}
     primary = fits.Header([("EXPNUM", 1)])
-    writer.write_raw(tmp_path / "all.fits.fz", primary.copy(), [(headers[c], raw[c]) for c in raw])
+    reference = fits.HDUList([fits.PrimaryHDU(header=primary.copy())]
+                             + [writer.raw_hdu(headers[c], raw[c]) for c in writer.raw_extension_order(raw)])
+    reference[0].header["NEXTEND"] = 2
+    reference.writeto(tmp_path / "all.fits.fz")
     with writer.MefWriter(tmp_path / "one.fits.fz", primary.copy(), 2) as mef:
         for c in writer.raw_extension_order(raw):
             mef.append(writer.raw_hdu(headers[c], raw[c]))

@@ -84,7 +84,7 @@ def peak_excess_sigma(exposure, x, y, flux, flux_err, model_tolerance: float = 0
     noise = np.sqrt(exposure.variance[rows, cols].astype(float) + (centre * fe) ** 2 + (model_tolerance * expected) ** 2)
     with np.errstate(divide="ignore", invalid="ignore"):
         excess = np.sign(f) * (observed - expected) / noise
-    out[idx] = np.nanmax(np.where(np.isfinite(excess), excess, -np.inf).reshape(len(idx), 9), axis=1)
+    out[idx] = np.where(np.isfinite(excess), excess, -np.inf).max(axis=(1, 2))
     return out
 
 

@@ -214,24 +214,6 @@ def raw_extension_order(ccdnums) -> list[int]:
     return sorted((int(c) for c in ccdnums), key=lambda c: decam.ccd_info(c).usual_hdu)
 
 
-def write_raw(path: str | Path, primary, extensions: list[tuple[object, np.ndarray]]) -> None:
-    """Write a raw MEF: primary header + one RICE tile-compressed uint16 extension per CCD.
-
-    ``extensions`` holds (header, data) pairs; they are written in the usual SISPI HDU order
-    (``decam.ccd_info(n).usual_hdu``), EXTNAME = DETPOS. :class:`MefWriter` with
-    :func:`raw_hdu` writes the same file one CCD at a time.
-    """
-    from astropy.io import fits
-
-    order = sorted(extensions, key=lambda e: decam.ccd_info(int(e[0]["CCDNUM"])).usual_hdu)
-    hdus = [fits.PrimaryHDU(header=primary)]
-    for header, data in order:
-        hdus.append(raw_hdu(header, data))
-    hdus[0].header["NEXTEND"] = len(hdus) - 1
-    with atomic_output(path) as tmp:
-        fits.HDUList(hdus).writeto(tmp)
-
-
 def calib_primary_header(obstype: str, date_obs: str, band: str | None, night: str, n_ext: int):
     """Primary header of a CP-style MasterCal (bias 'zero', flat 'dome flat', or 'bpm')."""
     from astropy.io import fits
@@ -269,16 +251,3 @@ def calib_hdu(ccdnum: int, data: np.ndarray, bunit: str):
     hdu.header["DETPOS"] = (decam.ccd_info(ccdnum).name, "detector position ID")
     hdu.header["BUNIT"] = bunit
     return hdu
-
-
-def write_calib(path: str | Path, primary, images: dict[int, np.ndarray], bunit: str) -> None:
-    """Write a master calibration MEF: one image HDU per CCD (EXTNAME = DETPOS, CCDNUM), in
-    CCDNUM order (:class:`MefWriter` with :func:`calib_hdu` writes the same file one CCD at a time)."""
-    from astropy.io import fits
-
-    hdus = [fits.PrimaryHDU(header=primary)]
-    for ccdnum in sorted(images):
-        hdus.append(calib_hdu(ccdnum, images[ccdnum], bunit))
-    hdus[0].header["NEXTEND"] = len(hdus) - 1
-    with atomic_output(path) as tmp:
-        fits.HDUList(hdus).writeto(tmp)
