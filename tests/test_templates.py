@@ -18,7 +18,7 @@ from scipy.special import erf
 from apsnake.exposure import Exposure, PhotoCalib, PsfModel, VisitInfo
 from apsnake.psf import measure_fwhm
 from apsnake.templates import (
-    CoaddConfig, SkyGrid, TemplateError, make_coadd, single_visit_template, template_for_exposure,
+    CoaddConfig, SkyGrid, TemplateError, make_coadd, merge_warps, single_visit_template, template_for_exposure,
     warp_exposure,
 )
 
@@ -815,3 +815,38 @@ def test_best_single_visit_template_from_memory_maps(scene, tmp_path):
     loaded = mapped_inputs[0].in_memory()
     assert loaded.image.dtype.isnative and np.array_equal(loaded.image, read_exposure(candidates[0]).image)
     assert loaded.in_memory() is loaded
+
+
+def test_merge_warps_takes_the_inverse_variance_mean_where_warps_overlap(rng):
+    """Three partial warps: copied where one covers, inverse-variance mean (variance 1 / sum(1 /
+    var)) where two or three do, OR of their masks, NO_DATA (0, 0) where none does."""
+    shape = (40, 30)
+    like = Exposure.empty(shape, VisitInfo(visit=9), detector=1, mask_planes={"BAD": 0, "NO_DATA": 8})
+    boxes = [np.s_[0:25, 0:20], np.s_[10:40, 5:30], np.s_[20:30, 0:30]]
+    warps, images, variances = [], [], []
+    for k, box in enumerate(boxes):
+        e = Exposure.empty(shape, VisitInfo(visit=100 + k), detector=k, mask_planes={"NO_DATA": 3, "BAD": 5})
+        e.mask[:] = 1 << 3
+        e.mask[box] = 0
+        e.image[box] = rng.normal(10.0 * (k + 1), 1.0, e.image[box].shape)
+        e.variance[box] = rng.uniform(1.0, 4.0, e.variance[box].shape)
+        e.mask[box][::7, ::5] |= 1 << 5  # a few BAD pixels inside the box
+        warps.append(e)
+        covered = np.zeros(shape, bool)
+        covered[box] = True
+        images.append(np.where(covered, e.image, 0.0))
+        variances.append(np.where(covered, e.variance, np.inf))
+    merged = merge_warps(iter(warps), like)
+    weight = sum(1.0 / v for v in variances)
+    expected = sum(i / v for i, v in zip(images, variances)) / np.where(weight > 0, weight, 1.0)
+    covered = weight > 0
+    assert np.allclose(merged.image[covered], expected[covered], rtol=1e-6)
+    assert np.allclose(merged.variance[covered], 1.0 / weight[covered], rtol=1e-6)
+    only_first = covered & (np.isinf(variances[1]) & np.isinf(variances[2]))
+    assert np.array_equal(merged.image[only_first], warps[0].image[only_first])  # copied, not recomputed
+    nodata = merged.mask_of("NO_DATA")
+    assert np.array_equal(nodata, ~covered)
+    assert np.all(merged.image[~covered] == 0) and np.all(merged.variance[~covered] == 0)
+    bad = merged.mask_of("BAD")
+    assert np.array_equal(bad[covered], np.logical_or.reduce([w.mask_of("BAD") for w in warps])[covered])
+    assert merged.metadata["TMPLCOV"] == pytest.approx(covered.mean())

@@ -57,9 +57,7 @@ def merge_warps(warps, like: Exposure) -> Exposure:
                          detector_name=like.detector_name, unit=like.unit, mask_planes=dict(like.mask_planes))
     out.wcs = like.wcs.deepcopy() if like.wcs is not None else None
     out.photo_calib = PhotoCalib(1.0)
-    sw = np.zeros((ny, nx))
-    swx = np.zeros((ny, nx))
-    mask = np.zeros((ny, nx), np.int32)
+    covered = np.zeros((ny, nx), bool)
     psfs, shares = [], []
     first = True
     for e in warps:
@@ -67,22 +65,36 @@ def merge_warps(warps, like: Exposure) -> Exposure:
             raise TemplateError(f"merge_warps: warp of shape {e.shape} for a {(ny, nx)} grid")
         if first:
             out.unit, out.mask_planes, first = e.unit, dict(e.mask_planes), False
-        nodata = out.mask_bit("NO_DATA")
-        m = out.translate_mask(e.mask, e.mask_planes)
         with np.errstate(invalid="ignore"):
-            ok = ((m & nodata) == 0) & (e.variance > 0) & np.isfinite(e.variance) & np.isfinite(e.image)
-        w = np.where(ok, 1.0 / np.where(ok, e.variance, 1.0), 0.0)
-        sw += w
-        swx += w * np.where(ok, e.image, 0.0)
-        mask |= np.where(ok, m, 0).astype(np.int32)
+            ok = ((e.mask & e.bits("NO_DATA")) == 0) & (e.variance > 0) & np.isfinite(e.variance) & np.isfinite(e.image)
         psfs.append(e.psf)
-        shares.append(float(w.sum()))
+        rows, cols = np.flatnonzero(ok.any(axis=1)), np.flatnonzero(ok.any(axis=0))
+        if rows.size == 0:
+            shares.append(0.0)
+            continue
+        # A CCD of another visit covers part of the grid: work on its bounding box only. Where
+        # nothing covers a pixel yet the warp's values are copied; where an earlier warp does,
+        # the inverse-variance mean of the two (with the variance 1 / sum(1 / var), merging one
+        # warp at a time gives the mean over all of them).
+        box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        ok, image, variance = ok[box], e.image[box], e.variance[box]
+        out_image, out_variance, done = out.image[box], out.variance[box], covered[box]
+        overlap = np.nonzero(ok & done)
+        if overlap[0].size:
+            w_old = 1.0 / out_variance[overlap].astype(float)
+            w_new = 1.0 / variance[overlap].astype(float)
+            out_image[overlap] = (w_old * out_image[overlap] + w_new * image[overlap]) / (w_old + w_new)
+            out_variance[overlap] = 1.0 / (w_old + w_new)
+        new = ok & ~done
+        np.copyto(out_image, image, where=new)
+        np.copyto(out_variance, variance, where=new)
+        out.mask[box] |= np.where(ok, out.translate_mask(e.mask[box], e.mask_planes), 0).astype(np.int32)
+        done |= ok
+        with np.errstate(divide="ignore"):
+            shares.append(float(np.sum(np.reciprocal(variance, where=ok, out=np.zeros(ok.shape, np.float32)),
+                                       dtype=float)))
     nodata = out.mask_bit("NO_DATA")
-    covered = sw > 0
-    safe = np.where(covered, sw, 1.0)
-    out.image[:] = np.where(covered, swx / safe, 0.0)
-    out.variance[:] = np.where(covered, 1.0 / safe, 0.0)
-    out.mask[:] = np.where(covered, mask, nodata)
+    np.copyto(out.mask, np.int32(nodata), where=~covered)
     pos = psf_position(covered)
     if pos is not None:
         out.psf = mean_psf(psfs, shares, *pos)
