@@ -64,3 +64,18 @@ def test_finish_job_flushes_the_log_and_exits_zero(tmp_path):
     assert proc.stdout == "stdout flushed"
     text = log.read_text()
     assert "last record" in text and "step visit=1 detector=2: done in" in text
+
+
+def test_warp_and_dipole_psf_load_no_scipy_interpolate():
+    """The template and DIA jobs' splines are numerics.CubicSpline1d: scipy.interpolate (0.35-0.5 s
+    per process) stays unloaded."""
+    loaded = _modules_after(
+        "import numpy as np\n"
+        "from apsnake.templates.mapping import interp_matrix\n"
+        "from apsnake.dia.dipole import ShiftedPsf\n"
+        "assert interp_matrix(np.array([0.0, 64, 128, 192, 255]), 256).shape == (256, 5)\n"
+        "y, x = np.mgrid[-7:8, -7:8]\n"
+        "psf = ShiftedPsf(np.exp(-(x ** 2 + y ** 2) / 8.0))\n"
+        "assert psf.image(np.arange(10.0), np.arange(12.0), 4.3, 5.6).shape == (12, 10)"
+    )
+    assert "apsnake.dia.dipole" in loaded and "scipy.interpolate" not in loaded

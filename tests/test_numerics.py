@@ -97,3 +97,27 @@ def test_pad_and_crop_centered_round_trip_and_do_not_shift_an_fft_convolution(rn
     delta[8, 8] = 1.0
     conv = np.real(np.fft.ifft2(np.fft.fft2(delta) * np.fft.fft2(padded)))
     np.testing.assert_allclose(conv[6:11, 6:11], stamp, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_nodes", [2, 3, 4, 5, 9, 65])
+def test_cubic_spline_weights_are_scipys_not_a_knot_spline(rng, n_nodes):
+    from scipy.interpolate import CubicSpline
+
+    nodes = np.sort(rng.choice(np.arange(0.0, 400.0, 0.5), n_nodes, replace=False))
+    positions = rng.uniform(nodes[0] - 20, nodes[-1] + 20, 300)  # extrapolation included
+    expected = CubicSpline(nodes, np.eye(n_nodes), axis=0, bc_type="not-a-knot")(positions)
+    assert np.allclose(numerics.cubic_spline_weights(nodes, positions), expected, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        numerics.CubicSpline1d(nodes[::-1])
+
+
+def test_tensor_product_of_spline_weights_is_rect_bivariate_spline(rng):
+    from scipy.interpolate import RectBivariateSpline
+
+    grid = np.arange(-9.0, 10.0)
+    values = rng.normal(size=(grid.size, grid.size))
+    rows, cols = np.sort(rng.uniform(-9, 9, 15)), np.sort(rng.uniform(-9, 9, 11))
+    spline = numerics.CubicSpline1d(grid)
+    ours = spline.weights(rows) @ values @ spline.weights(cols).T
+    expected = RectBivariateSpline(grid, grid, values, kx=3, ky=3)(rows, cols, grid=True)
+    assert np.allclose(ours, expected, rtol=0, atol=1e-9)

@@ -6,13 +6,16 @@
 * Pixel access: ``cutouts`` (stamps around integer pixels).
 * 2-D polynomials in scaled pixel coordinates (the ``PsfModel`` convention): ``n_terms``,
   ``term_powers``, ``polynomial_terms``, ``polynomial_frame``.
-* ``lanczos`` (the windowed-sinc kernel).
+* ``lanczos`` (the windowed-sinc kernel); ``CubicSpline1d`` / ``cubic_spline_weights`` (the
+  weights of not-a-knot cubic-spline interpolation, what ``scipy.interpolate.CubicSpline`` and, per axis,
+  ``RectBivariateSpline`` with ``s=0`` compute).
 * Mask dilation: ``window_or`` / ``grow_bits`` for integer bit-plane masks (box), ``dilate``
   for boolean masks (disc or square).
 * Centred stamps on FFT grids: ``pad_centered`` / ``crop_centered``.
 
 astropy.stats is not imported here: it costs ~0.6 s per process (measured on the CI machine),
-which every workflow job would pay; the tests check these helpers against it.
+which every workflow job would pay; nor is scipy.interpolate (0.35-0.5 s, the template and
+DIA jobs' only use of it was spline weights); the tests check these helpers against both.
 Pixel conventions are apsnake's: 0-based numpy indices, ``x`` the column, ``y`` the row.
 """
 
@@ -133,6 +136,64 @@ def lanczos(t, a: int = 3) -> np.ndarray:
 
 # ---------------------------------------------------------------------------
 # Mask dilation
+class CubicSpline1d:
+    """Not-a-knot cubic-spline interpolation from fixed ``nodes`` (strictly increasing, any
+    unit, e.g. pixels), as a linear map: ``weights(positions) @ values``. What
+    ``scipy.interpolate.CubicSpline(bc_type="not-a-knot")`` and, per axis,
+    ``RectBivariateSpline`` with ``s=0`` compute; two nodes interpolate linearly, three
+    quadratically; positions outside the nodes follow the end pieces. The node-dependent
+    part is solved once, so evaluating many position sets is cheap.
+    """
+
+    def __init__(self, nodes):
+        x = np.asarray(nodes, float)
+        if x.ndim != 1 or len(x) < 2 or np.any(np.diff(x) <= 0):
+            raise ValueError(f"CubicSpline1d: need >= 2 strictly increasing nodes, got {x}")
+        self.nodes = x
+        k = len(x)
+        self._second = None
+        if k > 3:
+            h = np.diff(x)
+            # Second derivatives = A^-1 B values: a continuous first derivative at interior
+            # nodes, a continuous third derivative at the second and second-to-last (not-a-knot).
+            a, b = np.zeros((k, k)), np.zeros((k, k))
+            i = np.arange(1, k - 1)
+            a[i, i - 1], a[i, i], a[i, i + 1] = h[:-1], 2.0 * (h[:-1] + h[1:]), h[1:]
+            b[i, i - 1], b[i, i], b[i, i + 1] = 6.0 / h[:-1], -6.0 / h[:-1] - 6.0 / h[1:], 6.0 / h[1:]
+            a[0, :3] = h[1], -(h[0] + h[1]), h[0]
+            a[-1, -3:] = h[-1], -(h[-2] + h[-1]), h[-2]
+            self._second = np.linalg.solve(a, b)
+
+    def weights(self, positions) -> np.ndarray:
+        """(len(positions), len(nodes)) interpolation weights at ``positions``."""
+        x = self.nodes
+        t = np.atleast_1d(np.asarray(positions, float))
+        k = len(x)
+        if self._second is None:  # Lagrange polynomial through the two or three nodes
+            w = np.ones((t.size, k))
+            for j in range(k):
+                for m in range(k):
+                    if m != j:
+                        w[:, j] *= (t - x[m]) / (x[j] - x[m])
+            return w
+        i = np.clip(np.searchsorted(x, t, side="right") - 1, 0, k - 2)
+        h = x[i + 1] - x[i]
+        below, above = t - x[i], x[i + 1] - t
+        w = ((above ** 3 / h - h * above) / 6.0)[:, None] * self._second[i] \
+            + ((below ** 3 / h - h * below) / 6.0)[:, None] * self._second[i + 1]
+        rows = np.arange(t.size)
+        w[rows, i] += above / h
+        w[rows, i + 1] += below / h
+        return w
+
+
+def cubic_spline_weights(nodes, positions) -> np.ndarray:
+    """``CubicSpline1d(nodes).weights(positions)``: the spline through values ``y`` at
+    ``nodes`` is ``W @ y`` at ``positions``; on a grid, a tensor-product interpolating
+    spline is ``W_rows @ values @ W_cols.T``."""
+    return CubicSpline1d(nodes).weights(positions)
+
+
 def window_or(mask: np.ndarray, before: int, after: int) -> np.ndarray:
     """``out[r, c] = OR of mask[r - before : r + after + 1, c - before : c + after + 1]``.
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from apsnake.numerics import cubic_spline_weights
+
 
 def nodes(n: int, spacing: int) -> np.ndarray:
     nodes = np.arange(0, max(n - 1, 1), spacing, dtype=float)
@@ -21,14 +23,8 @@ def nodes(n: int, spacing: int) -> np.ndarray:
 
 
 def interp_matrix(nodes: np.ndarray, n: int) -> np.ndarray:
-    """(n, len(nodes)) weights of natural-cubic-spline interpolation from nodes to 0..n-1."""
-    from scipy.interpolate import CubicSpline
-
-    k = len(nodes)
-    if k == 2:
-        t = (np.arange(n) - nodes[0]) / (nodes[1] - nodes[0])
-        return np.stack([1.0 - t, t], axis=1)
-    return CubicSpline(nodes, np.eye(k), axis=0, bc_type="not-a-knot")(np.arange(n))
+    """(n, len(nodes)) weights of not-a-knot cubic-spline interpolation from nodes to 0..n-1."""
+    return cubic_spline_weights(nodes, np.arange(n))
 
 
 @dataclass
@@ -59,20 +55,10 @@ class Mapping:
         x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
         out = []
         for grid in (self.sx, self.sy):
-            wy = _interp_rows(self.yn, y)
-            wx = _interp_rows(self.xn, x)
+            wy = cubic_spline_weights(self.yn, y)
+            wx = cubic_spline_weights(self.xn, x)
             out.append(np.einsum("nk,kl,nl->n", wy, grid, wx))
         return out[0], out[1]
-
-
-def _interp_rows(nodes, positions):
-    """Spline weights (N, len(nodes)) at arbitrary positions."""
-    from scipy.interpolate import CubicSpline
-
-    if len(nodes) == 2:
-        t = (np.asarray(positions, float) - nodes[0]) / (nodes[1] - nodes[0])
-        return np.stack([1.0 - t, t], axis=1)
-    return CubicSpline(nodes, np.eye(len(nodes)), axis=0, bc_type="not-a-knot")(np.asarray(positions, float))
 
 
 def compute_mapping(src_wcs, src_shape, tgt_wcs, tgt_shape, spacing: int) -> Mapping:
