@@ -102,7 +102,7 @@ def subtract_alard_lupton(science, template, sources, sci_img, sci_var, sci_ok, 
     ref_bad = (science.mask_of(*cfg.bad_mask_planes) | ~sci_ok) if conv_science else \
         (template.mask_of(*cfg.bad_mask_planes) | ~tpl_ok)
     halo = HaloTerms.prepare(np.where(ref_bad, np.float32(0), ref), tgt,
-                              ref_v * np.float32(f_ref) + tgt_v * np.float32(f_tgt), sources, bad_cut,
+                              ((ref_v, f_ref), (tgt_v, f_tgt)), sources, bad_cut,
                               sci_img, tpl_img, sigmas, kh, max(fwhm_s, fwhm_t), cfg, meta)
     target = tgt
     core_radius = max(cfg.stamp_fwhm_scaling * max(fwhm_tgt, 1.0), 3.0)
@@ -160,9 +160,12 @@ def subtract_alard_lupton(science, template, sources, sci_img, sci_var, sci_ok, 
     # weight (about its half-width for a core kernel).
     grow = kernel_footprint_radius(kernels[0], cfg.mask_kernel_fraction)
     meta["mask_growth_radius"] = grow
+    tmask = np.asarray(template.mask, np.int32)
+    if not conv_science:
+        tmask = grow_bits(tmask, grow)
     mask, planes, no_data = assemble_mask(science, template, 0 if conv_science else grow,
                                           grow if conv_science else 0, covered, meta["template_coverage"] == 1.0,
-                                          grow)
+                                          grow, grown_template_mask=None if conv_science else tmask)
     meta["time_convolve_s"] = time.perf_counter() - t2
 
     # Variance and decorrelation.
@@ -206,9 +209,6 @@ def subtract_alard_lupton(science, template, sources, sci_img, sci_var, sci_ok, 
 
     difference = replace(science, image=diff, mask=mask, variance=np.asarray(variance, np.float32),
                          psf=diff_psf, mask_planes=planes, metadata=dict(science.metadata))
-    tmask = np.asarray(template.mask, np.int32)
-    if not conv_science:
-        tmask = grow_bits(tmask, grow)
     matched_exp = replace(template, image=np.asarray(matched_img, np.float32), mask=tmask,
                           variance=np.asarray(matched_var, np.float32),
                           psf=template.psf if conv_science else science.psf,

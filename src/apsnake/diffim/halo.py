@@ -215,7 +215,8 @@ class HaloTerms:
         """Reach of the halos (``extent``), the wide kernels, and the rings (from the core
         kernel's half-width to the reach) around bright stars on which they are fitted, with the
         terms' ring sums there. No terms when ``halo_encircled_energy`` is None or none fits the
-        reach."""
+        reach. ``variance``: ``(plane, factor)`` pairs whose weighted sum is the variance of
+        ``tgt - K * ref`` (only read around the fit stars)."""
         if cfg.halo_encircled_energy is None:
             return cls()
         t0 = time.perf_counter()
@@ -250,7 +251,8 @@ class HaloTerms:
         stars = dict(ix=ix, iy=iy, x=x[bright], y=y[bright], flux=flux[bright], edges=edges, half=half, good=good,
                      target=cutouts(tgt, ix, iy, half)[0].astype(float),
                      terms=[ring_sums(t, good, edges) for t in local_convolution(ref, ix, iy, half, kernels)],
-                     noise=np.sqrt(np.clip(ring_sums(cutouts(variance, ix, iy, half)[0], good, edges), 0, None)))
+                     noise=np.sqrt(np.clip(ring_sums(sum(np.float32(f) * cutouts(v, ix, iy, half)[0] for v, f in variance),
+                                                     good, edges), 0, None)))
         meta["halo_fit_stars"] = int(bright.size)
         meta["time_halo_s"] = time.perf_counter() - t0
         return cls(ref, kernels, stars)

@@ -18,11 +18,12 @@ from apsnake.numerics import grow_bits
 _TEMPLATE_PLANES_KEPT = ("NO_DATA", "BAD", "HIGH_VARIANCE")  # template planes keeping their name
 
 
-def _map_template_mask(template: Exposure, planes: dict) -> np.ndarray | None:
-    """Template mask bits mapped to difference planes (NO_DATA, BAD, HIGH_VARIANCE kept; DETECTED*
-    dropped; others renamed ``<PLANE>_TEMPLATE``, added to ``planes``). Returns the mapped int32
-    mask, None when no bit maps."""
-    tmask = np.asarray(template.mask, np.int32)
+def _map_template_mask(template: Exposure, planes: dict, tmask: np.ndarray | None = None) -> np.ndarray | None:
+    """Template mask bits (``tmask``, default the template's mask, in its plane numbering) mapped
+    to difference planes (NO_DATA, BAD, HIGH_VARIANCE kept; DETECTED* dropped; others renamed
+    ``<PLANE>_TEMPLATE``, added to ``planes``). Returns the mapped int32 mask, None when no bit
+    maps. The map acts on each bit alone, so it commutes with growing the mask."""
+    tmask = np.asarray(template.mask if tmask is None else tmask, np.int32)
     present = int(np.bitwise_or.reduce(tmask.ravel())) if tmask.size else 0
     lut = np.zeros(1 << 16, np.int32)
     lut_hi = np.zeros(1 << 16, np.int32)
@@ -68,18 +69,28 @@ def mark_edge(mask: np.ndarray, width: int, bit) -> None:
 
 
 def assemble_mask(science: Exposure, template: Exposure, grow_template: int, grow_science: int,
-                   covered: np.ndarray, fully_covered: bool, edge: int):
+                   covered: np.ndarray, fully_covered: bool, edge: int, grown_template_mask=None):
     """Difference mask and plane dictionary; also the NO_DATA selector of the difference (None
-    when no pixel is NO_DATA)."""
+    when no pixel is NO_DATA). ``grown_template_mask``: the template's mask already grown by
+    ``grow_template`` (the matched template's mask), to grow it only once."""
     planes = dict(science.mask_planes)
-    mapped = _map_template_mask(template, planes)
+    grown_once = grown_template_mask is not None and grow_template > 0
+    mapped = _map_template_mask(template, planes, grown_template_mask if grown_once else None)
     no_data_bit = np.int32(add_mask_plane(planes, "NO_DATA"))
     edge_bit = np.int32(add_mask_plane(planes, "EDGE"))
-    if not fully_covered:
-        uncovered = np.where(covered, np.int32(0), no_data_bit)
-        mapped = uncovered if mapped is None else mapped | uncovered
-    if mapped is not None and grow_template:
-        mapped = grow_bits(mapped, grow_template)
+    if grown_once:
+        # Growing commutes with the plane map: only uncovered pixels that the template does not
+        # mark NO_DATA (NO_DATA keeps its name) need growing here.
+        extra = ~covered & ~template.mask_of("NO_DATA") if not fully_covered else None
+        if extra is not None and extra.any():
+            grown = grow_bits(np.where(extra, no_data_bit, np.int32(0)), grow_template)
+            mapped = grown if mapped is None else mapped | grown
+    else:
+        if not fully_covered:
+            uncovered = np.where(covered, np.int32(0), no_data_bit)
+            mapped = uncovered if mapped is None else mapped | uncovered
+        if mapped is not None and grow_template:
+            mapped = grow_bits(mapped, grow_template)
     mask = np.array(science.mask, dtype=np.int32, copy=True)
     if grow_science:
         keep = science.bits("DETECTED", "DETECTED_NEGATIVE")
