@@ -1,12 +1,14 @@
 """DAG scale: time and peak memory of `snakemake -n` on large synthetic registries (issue 14).
 
-    python benchmarks/bench_dryrun.py [wide|chain|all] [--visits N] [--detectors N] [--keep DIR]
+    python benchmarks/bench_dryrun.py [wide|chain|floor|all] [--visits N] [--detectors N] [--keep DIR]
 
 ``wide``: the whole focal plane (62 CCDs) x 100 visits: 10 fields of 10 dithered visits each,
 the first visit of each field a template visit (6,200 data IDs, 5,580 of them differenced and
 associated, ~40,000 jobs). ``chain``: 300 visits of one pointing on 2 CCDs, the first a template
 visit: every association waits for the previous visit's, a chain 299 deep (docs/architecture.md,
-association order).
+association order). ``floor`` (not in ``all``): Snakemake alone, a chain of 7 trivial rules
+per data ID (one input, one output, ``touch``) for as many data IDs as ``wide`` (about as many
+jobs): what any workflow with one job per data ID and step costs Snakemake to plan.
 
 No pixels and no headers: the script writes the three Parquet tables of the `ingest` checkpoint
 (``apsnake.registry`` columns) with footprints from the DECam focal-plane layout, empty
@@ -147,9 +149,51 @@ def dry_run(folder: Path, paths: dict, templates: list[int], targets: list[str] 
             "jobs": stats, "tail": "" if proc.returncode == 0 else text[-3000:]}
 
 
+FLOOR_SNAKEFILE = """
+IDS = [f"{{v}}_{{d:02d}}" for v in range({visit0}, {visit0} + {n_visits}) for d in range({n_detectors})]
+STEPS = ["step0", "step1", "step2", "step3", "step4", "step5", "step6"]
+rule all:
+    input: expand("out/step6/{{id}}.txt", id=IDS)
+    localrule: True
+rule step0:
+    output: "out/step0/{{id}}.txt"
+    shell: "touch {{output}}"
+for prev, cur in zip(STEPS, STEPS[1:]):
+    rule:
+        name: cur
+        input: f"out/{{prev}}/{{{{id}}}}.txt"
+        output: f"out/{{cur}}/{{{{id}}}}.txt"
+        shell: "touch {{output}}"
+"""
+
+
+def floor_dry_run(folder: Path, n_visits: int, n_detectors: int) -> dict:
+    """Snakemake's own cost per job: a chain of 7 trivial rules per data ID (one input, one
+    output, a shell command), about as many jobs as the workflow has, nothing of ours."""
+    snakefile = folder / "Snakefile"
+    snakefile.write_text(FLOOR_SNAKEFILE.format(visit0=VISIT0, n_visits=n_visits, n_detectors=n_detectors))
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "snakemake", "--snakefile", str(snakefile),
+           "--directory", str(folder), "--cores", "1", "-n", "--quiet", "rules"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    wall = time.perf_counter() - t0
+    text = proc.stdout + proc.stderr
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([0-9.]+)", text))
+    stats = job_stats(text)
+    return {"ok": proc.returncode == 0 and "total" in stats, "wall_s": wall, "cpu_s": cpu,
+            "peak_rss_mb": int(rss.group(1)) / 1024 if rss else float("nan"),
+            "jobs": stats, "tail": "" if proc.returncode == 0 else text[-3000:]}
+
+
 def run_case(name: str, n_visits: int, detectors: list[int], keep: Path | None) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"bench_dryrun_{name}_", dir=keep))
     try:
+        if name == "floor":
+            result = floor_dry_run(folder, n_visits, len(detectors))
+            result.update(case=name, visits=n_visits, detectors=len(detectors), data_ids=n_visits * len(detectors),
+                          setup_s=0.0, folder=str(folder), target="7 trivial rules per data ID")
+            return [result]
         if name == "wide":
             pointings, templates = wide_pointings(n_visits)
         else:
@@ -175,7 +219,7 @@ def run_case(name: str, n_visits: int, detectors: list[int], keep: Path | None) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("case", nargs="?", default="all", choices=("wide", "chain", "all"))
+    parser.add_argument("case", nargs="?", default="all", choices=("wide", "chain", "floor", "all"))
     parser.add_argument("--visits", type=int, help="visits (default: wide 100, chain 300)")
     parser.add_argument("--detectors", type=int, help="CCDs per visit (default: wide 62, chain 2)")
     parser.add_argument("--keep", type=Path, help="make the scratch folders under DIR and keep them")
@@ -183,9 +227,9 @@ def main() -> None:
     cases = ("wide", "chain") if args.case == "all" else (args.case,)
     print(f"load average before: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
     for case in cases:
-        n_visits = args.visits or (100 if case == "wide" else 300)
-        n_det = args.detectors or (62 if case == "wide" else 2)
-        detectors = list(decam.SCIENCE_CCDNUMS[:n_det]) if case == "wide" else [28, 35][:n_det] + list(
+        n_visits = args.visits or (300 if case == "chain" else 100)
+        n_det = args.detectors or (2 if case == "chain" else 62)
+        detectors = list(decam.SCIENCE_CCDNUMS[:n_det]) if case != "chain" else [28, 35][:n_det] + list(
             d for d in decam.SCIENCE_CCDNUMS if d not in (28, 35))[: max(n_det - 2, 0)]
         results = run_case(case, n_visits, detectors, args.keep)
         r = results[0]
