@@ -46,7 +46,7 @@ t_cal = time.perf_counter() - t
 t = time.perf_counter()
 tmp = tempfile.mkdtemp()
 write_exposure(res.calexp, tmp + "/calexp.fits")
-write_background(res.background.image, tmp + "/bkg.fits")
+write_background(res.background.image, tmp + "/bkg.fits", noise=res.background.rms)
 write_parquet(res.sources, tmp + "/src.parquet")
 t_write = time.perf_counter() - t
 print(json.dumps({{"import": t_import, "read": t_read, "cal": t_cal, "write": t_write,

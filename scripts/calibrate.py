@@ -21,7 +21,7 @@ with workflow_step("calibrate", snakemake.log[0], f"visit={visit} detector={dete
     stars = refcat_io.in_footprint(stars, post_isr.wcs, post_isr.shape, config.refcat_margin_pixels)
     result = calibrate_exposure(post_isr, stars, config)
     write_exposure(result.calexp, snakemake.output.calexp)
-    write_background(result.background.image, snakemake.output.background)
+    write_background(result.background.image, snakemake.output.background, noise=result.background.rms)
     write_parquet(result.sources, snakemake.output.src)
     write_text(json.dumps(result.metadata, indent=1), snakemake.output.metadata)
 

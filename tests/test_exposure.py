@@ -158,3 +158,22 @@ def test_bad_file_is_a_clear_error(tmp_path):
     fits.PrimaryHDU().writeto(tmp_path / "empty.fits")
     with pytest.raises(ExposureFormatError, match="no IMAGE extension"):
         read_exposure(tmp_path / "empty.fits")
+
+
+def test_background_model_is_quantised_below_the_noise(tmp_path):
+    """A smooth model written with the image's noise: at most noise / 2000 off, ~10x smaller
+    than the float32 pixels; without a noise it is written nearly losslessly."""
+    from astropy.io import fits
+
+    from apsnake.exposure import write_background
+
+    y, x = np.mgrid[0:512, 0:256]
+    model = (30.0 + 0.002 * x + 0.001 * y + 0.3 * np.sin(x / 80.0) * np.cos(y / 120.0)).astype(np.float32)
+    write_background(model, tmp_path / "bkg.fits", noise=4.0)
+    with fits.open(tmp_path / "bkg.fits") as hdus:
+        back = hdus["BACKGROUND"].data
+        assert hdus["BACKGROUND"].header["BUNIT"] == "adu"
+    assert np.abs(back - model).max() <= 4.0 / 2000 * 1.01
+    assert (tmp_path / "bkg.fits").stat().st_size < model.nbytes / 5
+    write_background(model, tmp_path / "bkg_default.fits")
+    assert np.abs(fits.getdata(tmp_path / "bkg_default.fits", "BACKGROUND") - model).max() < 1e-4

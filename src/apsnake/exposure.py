@@ -432,15 +432,23 @@ def read_exposure(path: str | Path, memmap: bool = False) -> Exposure:
     return exposure
 
 
-def write_background(image: np.ndarray, path: str | Path, unit: str = "adu") -> None:
-    """Write a smooth background model as a tile-compressed float image (lossy quantisation
-    at 1/64 of the local noise would be invisible; the model is smooth, so it compresses
-    to a few hundred kB), atomically."""
+def write_background(image: np.ndarray, path: str | Path, unit: str = "adu", noise: float | None = None) -> None:
+    """Write a smooth background model as a tile-compressed (RICE, 64-row tiles) float image,
+    atomically.
+
+    ``noise``: the typical per-pixel noise of the image the model was fitted to (its unit).
+    The model is quantised in steps of ``noise / 1000`` (the error, at most half a step, is
+    invisible next to the noise), which a smooth model compresses ~10x (1.4 MB for a DECam
+    CCD, 0.09 s). Without it, astropy's default relative quantisation (1/64 of each tile's
+    own scatter) is used: on a model that smooth it is nearly lossless, ~15 MB and ~0.9 s.
+    """
     from astropy.io import fits
 
+    quantize = 64.0
+    if noise is not None and np.isfinite(noise) and noise > 0:
+        quantize = -float(noise) / 1000.0  # negative: an absolute step (FITS tile compression)
     hdu = fits.CompImageHDU(np.asarray(image, np.float32), name="BACKGROUND", compression_type="RICE_1",
-                            quantize_level=64.0)
+                            quantize_level=quantize, tile_shape=(min(64, image.shape[0]), image.shape[1]))
     hdu.header["BUNIT"] = unit
     with atomic_output(path) as tmp:
         fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(tmp)
-
