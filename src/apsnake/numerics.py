@@ -7,8 +7,8 @@
 * 2-D polynomials in scaled pixel coordinates (the ``PsfModel`` convention): ``n_terms``,
   ``term_powers``, ``polynomial_terms``, ``polynomial_frame``.
 * ``lanczos`` (the windowed-sinc kernel); ``CubicSpline1d`` / ``cubic_spline_weights`` (the
-  weights of not-a-knot cubic-spline interpolation, what ``scipy.interpolate.CubicSpline`` and, per axis,
-  ``RectBivariateSpline`` with ``s=0`` compute).
+  weights of not-a-knot cubic-spline interpolation, what ``scipy.interpolate.CubicSpline``
+  and, per axis, ``RectBivariateSpline`` with ``s=0`` compute).
 * Mask dilation: ``window_or`` / ``grow_bits`` for integer bit-plane masks (box), ``dilate``
   for boolean masks (disc or square).
 * Centred stamps on FFT grids: ``pad_centered`` / ``crop_centered``.
@@ -135,7 +135,7 @@ def lanczos(t, a: int = 3) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
-# Mask dilation
+# Interpolation
 class CubicSpline1d:
     """Not-a-knot cubic-spline interpolation from fixed ``nodes`` (strictly increasing, any
     unit, e.g. pixels), as a linear map: ``weights(positions) @ values``. What
@@ -194,6 +194,8 @@ def cubic_spline_weights(nodes, positions) -> np.ndarray:
     return CubicSpline1d(nodes).weights(positions)
 
 
+# ---------------------------------------------------------------------------
+# Mask dilation
 def window_or(mask: np.ndarray, before: int, after: int) -> np.ndarray:
     """``out[r, c] = OR of mask[r - before : r + after + 1, c - before : c + after + 1]``.
 
