@@ -134,9 +134,14 @@ def dry_run(folder: Path, paths: dict, templates: list[int], targets: list[str] 
     config_path = folder / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     shutil.rmtree(folder / ".snakemake", ignore_errors=True)
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-           "--directory", str(folder), "--configfile", str(config_path), "--cores", "1", "-n", *targets,
-           "--quiet", "rules"]
+    return timed_dry_run(["--snakefile", str(REPO / "Snakefile"), "--directory", str(folder), "--configfile",
+                          str(config_path), *targets])
+
+
+def timed_dry_run(args: list[str]) -> dict:
+    """``snakemake -n --cores 1 --quiet rules ARGS`` under ``/usr/bin/time -v``: wall and CPU time,
+    peak RSS and the job counts."""
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "snakemake", "--cores", "1", "-n", "--quiet", "rules", *args]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     wall = time.perf_counter() - t0
@@ -172,18 +177,7 @@ def floor_dry_run(folder: Path, n_visits: int, n_detectors: int) -> dict:
     output, a shell command), about as many jobs as the workflow has, nothing of ours."""
     snakefile = folder / "Snakefile"
     snakefile.write_text(FLOOR_SNAKEFILE.format(visit0=VISIT0, n_visits=n_visits, n_detectors=n_detectors))
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "snakemake", "--snakefile", str(snakefile),
-           "--directory", str(folder), "--cores", "1", "-n", "--quiet", "rules"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    wall = time.perf_counter() - t0
-    text = proc.stdout + proc.stderr
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([0-9.]+)", text))
-    stats = job_stats(text)
-    return {"ok": proc.returncode == 0 and "total" in stats, "wall_s": wall, "cpu_s": cpu,
-            "peak_rss_mb": int(rss.group(1)) / 1024 if rss else float("nan"),
-            "jobs": stats, "tail": "" if proc.returncode == 0 else text[-3000:]}
+    return timed_dry_run(["--snakefile", str(snakefile), "--directory", str(folder)])
 
 
 def run_case(name: str, n_visits: int, detectors: list[int], keep: Path | None) -> dict:
