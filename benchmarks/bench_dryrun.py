@@ -135,13 +135,15 @@ def dry_run(folder: Path, paths: dict, templates: list[int], targets: list[str] 
     config_path.write_text(yaml.safe_dump(config))
     shutil.rmtree(folder / ".snakemake", ignore_errors=True)
     return timed_dry_run(["--snakefile", str(REPO / "Snakefile"), "--directory", str(folder), "--configfile",
-                          str(config_path), *targets])
+                          str(config_path)], targets)
 
 
-def timed_dry_run(args: list[str]) -> dict:
-    """``snakemake -n --cores 1 --quiet rules ARGS`` under ``/usr/bin/time -v``: wall and CPU time,
-    peak RSS and the job counts."""
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "snakemake", "--cores", "1", "-n", "--quiet", "rules", *args]
+def timed_dry_run(args: list[str], targets=()) -> dict:
+    """``snakemake ARGS --cores 1 -n TARGETS --quiet rules`` under ``/usr/bin/time -v``: wall and CPU
+    time, peak RSS and the job counts (the targets follow ``-n``: ``--configfile`` and ``--quiet``
+    take several values)."""
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "snakemake", *args, "--cores", "1", "-n", *targets,
+           "--quiet", "rules"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     wall = time.perf_counter() - t0
