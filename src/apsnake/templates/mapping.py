@@ -53,12 +53,9 @@ class Mapping:
     def source_at(self, x, y) -> tuple[np.ndarray, np.ndarray]:
         """Source (x, y) at target positions (spline-interpolated)."""
         x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
-        out = []
-        for grid in (self.sx, self.sy):
-            wy = cubic_spline_weights(self.yn, y)
-            wx = cubic_spline_weights(self.xn, x)
-            out.append(np.einsum("nk,kl,nl->n", wy, grid, wx))
-        return out[0], out[1]
+        wy = cubic_spline_weights(self.yn, y)
+        wx = cubic_spline_weights(self.xn, x)
+        return np.einsum("nk,kl,nl->n", wy, self.sx, wx), np.einsum("nk,kl,nl->n", wy, self.sy, wx)
 
 
 def compute_mapping(src_wcs, src_shape, tgt_wcs, tgt_shape, spacing: int) -> Mapping:
