@@ -15,12 +15,12 @@ MAKE_POST_ISR = """
 import warnings; warnings.simplefilter("ignore")
 from apsnake import isr, registry
 from apsnake.exposure import write_exposure
-from apsnake.instruments import decam
+from apsnake.instruments import decam_files
 reg = registry.build_registry(registry.find_input_files("{night}/raw"), registry.find_input_files("{night}/calib"))
 row = reg.exposures[(reg.exposures.visit == 419803) & (reg.exposures.detector == 32)].iloc[0]
 cal = registry.select_calibrations(reg.calibs, row)
-c = {{k: decam.read_master_calibration(cal[k][0], 32, cal[k][1])[0] for k in ("bias", "flat", "bpm")}}
-res = isr.run_isr(decam.read_raw_ccd(row.raw_path, 32), c["bias"], c["flat"], c["bpm"], flat_band="g")
+c = {{k: decam_files.read_master_calibration(cal[k][0], 32, cal[k][1])[0] for k in ("bias", "flat", "bpm")}}
+res = isr.run_isr(decam_files.read_raw_ccd(row.raw_path, 32), c["bias"], c["flat"], c["bpm"], flat_band="g")
 write_exposure(res.exposure, "{night}/postISR_419803_32.fits")
 """
 

@@ -16,16 +16,16 @@ warnings.simplefilter("ignore")
 t0 = time.perf_counter()
 from apsnake import isr, registry
 from apsnake.exposure import write_exposure
-from apsnake.instruments import decam
+from apsnake.instruments import decam_files
 t_import = time.perf_counter() - t0
 reg = registry.build_registry(registry.find_input_files("{night}/raw"), registry.find_input_files("{night}/calib"))
 row = reg.exposures[(reg.exposures.visit == 419803) & (reg.exposures.detector == 32)].iloc[0]
 cal = registry.select_calibrations(reg.calibs, row)
 t = time.perf_counter()
-raw = decam.read_raw_ccd(row.raw_path, 32)
-bias = decam.read_master_calibration(cal["bias"][0], 32, cal["bias"][1])[0]
-flat = decam.read_master_calibration(cal["flat"][0], 32, cal["flat"][1])[0]
-bpm = decam.read_master_calibration(cal["bpm"][0], 32, cal["bpm"][1])[0]
+raw = decam_files.read_raw_ccd(row.raw_path, 32)
+bias = decam_files.read_master_calibration(cal["bias"][0], 32, cal["bias"][1])[0]
+flat = decam_files.read_master_calibration(cal["flat"][0], 32, cal["flat"][1])[0]
+bpm = decam_files.read_master_calibration(cal["bpm"][0], 32, cal["bpm"][1])[0]
 t_read = time.perf_counter() - t
 t = time.perf_counter()
 result = isr.run_isr(raw, bias, flat, bpm, flat_band="g")

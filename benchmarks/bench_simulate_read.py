@@ -19,10 +19,10 @@ print(json.dumps({"t": dt, "per_ccd": dt / (s["n_visits"] * len(s["ccds"])),
 
 READ = """
 import json, resource, time, glob
-from apsnake.instruments import decam
+from apsnake.instruments import decam_files
 path = sorted(glob.glob("{night}/raw/*.fits.fz"))[-1]
 t = time.perf_counter()
-raw = decam.read_raw_ccd(path, 32)
+raw = decam_files.read_raw_ccd(path, 32)
 dt = time.perf_counter() - t
 assert raw.data.shape == (4146, 2160)
 print(json.dumps({{"t": dt, "mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))

@@ -2,7 +2,7 @@
 workflow chooses them (shared by the ISR and calibration tests)."""
 
 from apsnake import registry
-from apsnake.instruments import decam
+from apsnake.instruments import decam_files
 
 
 def isr_inputs(sim_dir, visit: int, ccd: int):
@@ -11,6 +11,6 @@ def isr_inputs(sim_dir, visit: int, ccd: int):
                                   registry.find_input_files(sim_dir / "calib"))
     row = reg.exposures[(reg.exposures["visit"] == visit) & (reg.exposures["detector"] == ccd)].iloc[0]
     chosen = registry.select_calibrations(reg.calibs, row)
-    calibs = {kind: decam.read_master_calibration(value[0], ccd, value[1])[0] if value else None
+    calibs = {kind: decam_files.read_master_calibration(value[0], ccd, value[1])[0] if value else None
               for kind, value in chosen.items()}
-    return decam.read_raw_ccd(row["raw_path"], ccd), calibs
+    return decam_files.read_raw_ccd(row["raw_path"], ccd), calibs

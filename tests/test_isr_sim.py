@@ -8,7 +8,7 @@ import sep
 from sim_inputs import isr_inputs
 
 from apsnake import isr
-from apsnake.instruments import decam
+from apsnake.instruments import decam, decam_files
 
 VISIT = 419803  # the worse-seeing science visit of the test preset
 
@@ -113,9 +113,9 @@ def test_truncated_raw_and_nan_pixels_fail_with_the_file_and_reason(sim_test_dir
     data = raw_path.read_bytes()
     cut = tmp_path / "truncated.fits.fz"
     cut.write_bytes(data[: int(len(data) * 0.6)])
-    with pytest.raises(decam.RawFormatError, match="truncated.fits.fz"):
-        decam.read_raw_ccd(cut, 32)  # the second CCD's extension is cut short
-    raw = decam.read_raw_ccd(raw_path, 25)
+    with pytest.raises(decam_files.RawFormatError, match="truncated.fits.fz"):
+        decam_files.read_raw_ccd(cut, 32)  # the second CCD's extension is cut short
+    raw = decam_files.read_raw_ccd(raw_path, 25)
     raw.data = raw.data.astype(np.float32)
     raw.data[100, 100] = np.nan
     flat = np.ones(decam.TRIMMED_SHAPE, np.float32)
@@ -125,11 +125,11 @@ def test_truncated_raw_and_nan_pixels_fail_with_the_file_and_reason(sim_test_dir
 
 def test_several_ccds_read_in_one_open(sim_test_dir):
     raw_path = sorted((sim_test_dir / "raw").glob("*.fits.fz"))[-1]
-    both = decam.read_raw_ccds(raw_path, [25, 32, 27], optional=[27])  # S3 is not simulated
+    both = decam_files.read_raw_ccds(raw_path, [25, 32, 27], optional=[27])  # S3 is not simulated
     assert sorted(both) == [25, 32]
     for ccd in (25, 32):
-        one = decam.read_raw_ccd(raw_path, ccd)
+        one = decam_files.read_raw_ccd(raw_path, ccd)
         assert one.hdu == both[ccd].hdu and np.array_equal(one.data, both[ccd].data)
-    with pytest.raises(decam.RawFormatError, match="no extension with CCDNUM = 27"):
-        decam.read_raw_ccds(raw_path, [25, 27])
+    with pytest.raises(decam_files.RawFormatError, match="no extension with CCDNUM = 27"):
+        decam_files.read_raw_ccds(raw_path, [25, 27])
     assert decam.crosstalk_source_ccds(25) == [27]

@@ -5,7 +5,7 @@ import pytest
 from astropy.io import fits
 
 from apsnake import isr
-from apsnake.instruments import decam
+from apsnake.instruments import decam, decam_files
 
 
 def _raw_ccd(ccdnum, rng, sky_e=400.0):
@@ -40,7 +40,7 @@ def _raw_ccd(ccdnum, rng, sky_e=400.0):
         raw[geom.serial_overscan.slices] += rng.normal(0, rn / gain, geom.serial_overscan.shape)
         truth[amp] = (gain, rn)
     raw = np.clip(np.round(raw), 0, 65535).astype(np.uint16)
-    return decam.RawCcd("synthetic.fits", 1, primary, header, raw), bias2d, flat, truth
+    return decam_files.RawCcd("synthetic.fits", 1, primary, header, raw), bias2d, flat, truth
 
 
 @pytest.mark.parametrize("ccdnum", [25, 32])

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from apsnake import registry
-from apsnake.instruments import decam
+from apsnake.instruments import decam_files
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_registry_values_match_the_headers(sim_test_dir):
     truth = pd.read_parquet(sim_test_dir / "truth" / "visits.parquet").set_index("visit")
     for row in reg.exposures.itertuples():
         assert row.mjd_mid_tai == pytest.approx(truth.loc[row.visit, "mjd_mid_tai"], abs=1e-6)
-        raw = decam.read_raw_ccd(row.raw_path, row.detector)
+        raw = decam_files.read_raw_ccd(row.raw_path, row.detector)
         assert raw.hdu == row.hdu
     assert set(reg.calibs["calib_type"]) == {"bias", "flat", "bpm"}
     assert reg.rejected.empty

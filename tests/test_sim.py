@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from astropy.io import fits
 
-from apsnake.instruments import decam
+from apsnake.instruments import decam, decam_files
 from apsnake.sim import PRESETS
 from apsnake.sim.night import build_night, simulate_ccd
 from apsnake.sim.signature import make_ccd_signature
@@ -31,7 +31,7 @@ def _visit_rows(night) -> pd.DataFrame:
     return _truth(night, "visits").set_index("visit")
 
 
-def _overscan_subtracted(raw: decam.RawCcd) -> np.ndarray:
+def _overscan_subtracted(raw: decam_files.RawCcd) -> np.ndarray:
     """Raw frame (float) with each amp's per-row serial-overscan median removed from its columns."""
     img = raw.data.astype(np.float64)
     for geo in decam.amp_geometry(raw.header).values():
@@ -144,8 +144,8 @@ def test_raw_file_has_the_real_layout(sim_test_night):
     # usual SISPI order: S1 (HDU 1) before N1 (HDU 4)
     assert ccdnums == [25, 32]
 
-    s1 = decam.read_raw_ccd(path, 25)
-    n1 = decam.read_raw_ccd(path, 32)
+    s1 = decam_files.read_raw_ccd(path, 25)
+    n1 = decam_files.read_raw_ccd(path, 32)
     for raw in (s1, n1):
         assert raw.data.dtype == np.uint16 and raw.data.shape == (4146, 2160)
     s_geo, n_geo = decam.amp_geometry(s1.header), decam.amp_geometry(n1.header)
@@ -195,7 +195,7 @@ def test_calibrations(sim_test_night):
 def test_hot_pixels_of_the_bpm_are_visible(sim_test_night):
     out = _out(sim_test_night)
     bpm = fits.getdata(out / sim_test_night["calib"]["bpm"][0], extname="N1")
-    raw = decam.read_raw_ccd(out / sim_test_night["raw"][2], 32)
+    raw = decam_files.read_raw_ccd(out / sim_test_night["raw"][2], 32)
     img = _overscan_subtracted(raw)
     ox, oy = decam.trimmed_offset(32)
     hot = np.argwhere(bpm == 4)
@@ -214,7 +214,7 @@ def test_stars_sit_where_the_corrected_header_wcs_puts_them(sim_test_night):
     all_dec = np.concatenate([stars["dec"], galaxies["dec"]])
     all_mag = np.concatenate([stars["g_mag"], galaxies["g_mag"]])
     for rel, ccd in ((sim_test_night["raw"][0], 25), (sim_test_night["raw"][3], 32)):
-        raw = decam.read_raw_ccd(out / rel, ccd)
+        raw = decam_files.read_raw_ccd(out / rel, ccd)
         row = visits.loc[raw.primary_header["EXPNUM"]]
         img = _overscan_subtracted(raw)
         good = _corrected_wcs(raw.header, row)
@@ -250,7 +250,7 @@ def test_overscan_carries_the_per_row_bias(sim_test_night):
     sig = _truth(sim_test_night, "signature")
     for rel in sim_test_night["raw"][:2]:
         for ccd in (25, 32):
-            raw = decam.read_raw_ccd(out / rel, ccd)
+            raw = decam_files.read_raw_ccd(out / rel, ccd)
             visit = raw.primary_header["EXPNUM"]
             levels = []
             for name, geo in decam.amp_geometry(raw.header).items():
@@ -282,7 +282,7 @@ def test_saturated_stars_bleed_along_columns(sim_test_night):
     found = 0
     for rel in sim_test_night["raw"]:
         for ccd in (25, 32):
-            raw = decam.read_raw_ccd(out / rel, ccd)
+            raw = decam_files.read_raw_ccd(out / rel, ccd)
             row = visits.loc[raw.primary_header["EXPNUM"]]
             hit = _brightest_star_on_ccd(sim_test_night, raw, row)
             if hit is None or hit[2]["g_mag"] > 11.8:
@@ -312,7 +312,7 @@ def test_crosstalk_ghost_at_the_mirrored_position(sim_test_night):
     ratios = []
     for rel in sim_test_night["raw"]:
         for ccd in (25, 32):
-            raw = decam.read_raw_ccd(out / rel, ccd)
+            raw = decam_files.read_raw_ccd(out / rel, ccd)
             hit = _brightest_star_on_ccd(sim_test_night, raw, visits.loc[raw.primary_header["EXPNUM"]])
             if hit is None or hit[2]["g_mag"] > 12.0:
                 continue
@@ -355,7 +355,7 @@ def test_refcat_columns_and_coverage(sim_test_night):
     assert np.corrcoef(stars["teff"], g_r)[0, 1] < -0.8
     for rel in sim_test_night["raw"]:
         for ccd in (25, 32):
-            header = decam.read_raw_ccd(out / rel, ccd).header
+            header = decam_files.read_raw_ccd(out / rel, ccd).header
             corners = decam.footprint_corners(header, ccd)
             inside = ((ref["ra"] > corners[:, 0].min() + 0.01) & (ref["ra"] < corners[:, 0].max() - 0.01)
                       & (ref["dec"] > corners[:, 1].min() + 0.01) & (ref["dec"] < corners[:, 1].max() - 0.01))
@@ -429,7 +429,7 @@ def test_transients_are_in_the_science_pixels(sim_test_night):
     bright = td[mine & (td["flux_nJy"] > 10 ** (-0.4 * (21.0 - 31.4)))]
     assert len(bright) >= 1
     for det, group in bright.groupby("detector"):
-        img = _overscan_subtracted(decam.read_raw_ccd(out / rel, int(det)))
+        img = _overscan_subtracted(decam_files.read_raw_ccd(out / rel, int(det)))
         ox, oy = decam.trimmed_offset(int(det))
         sigma = row["fwhm_arcsec"] / 0.2623 / 2.355
         for obj in group.itertuples():
@@ -446,7 +446,7 @@ def test_same_seed_gives_identical_pixels_in_any_order(sim_test_night):
     night = build_night(PRESETS["test"], 1)
     pd.testing.assert_frame_equal(night.stars, _truth(sim_test_night, "stars"))
     visit = night.visits[-1]
-    raw_file = decam.read_raw_ccd(out / "raw" / visit.filename, 32)
+    raw_file = decam_files.read_raw_ccd(out / "raw" / visit.filename, 32)
     raw, _, _ = simulate_ccd(night, visit, 32, make_ccd_signature(32, 1))
     assert np.array_equal(raw, raw_file.data)
     other = build_night(PRESETS["test"], 2)

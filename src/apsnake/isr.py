@@ -258,7 +258,7 @@ def run_isr(raw, bias, flat, bpm=None, crosstalk_source_ccds=None, linearity=Non
 
     Parameters
     ----------
-    raw : ``decam.RawCcd`` (uint16 ADU in the raw frame, headers).
+    raw : ``instruments.decam_files.RawCcd`` (uint16 ADU in the raw frame, headers).
     bias : (4096, 2048) master bias, ADU (after overscan subtraction, as CP makes it).
     flat : (4096, 2048) master dome flat, normalised (dimensionless).
     bpm : (4096, 2048) bad-pixel mask, nonzero = bad; None for no defects.

@@ -265,7 +265,7 @@ def cosmic_ray_pixels(sim_dir: str | Path, visit: int, detector: int) -> np.ndar
 def bad_pixel_coords(sim_dir: str | Path, detector: int) -> np.ndarray | None:
     """(N, 2) x, y of the nonzero pixels of the simulated BPM of one CCD (hot and dead
     columns, hot pixels); None when the night has no BPM."""
-    from apsnake.instruments import decam
+    from apsnake.instruments import decam_files
 
     sim_dir = Path(sim_dir)
     paths = _sim_summary(str(sim_dir)).get("calib", {}).get("bpm") or ["calib/DECam_bpm.fits"]
@@ -273,8 +273,8 @@ def bad_pixel_coords(sim_dir: str | Path, detector: int) -> np.ndarray | None:
     if not path.exists():
         return None
     try:
-        bpm, _, _ = decam.read_master_calibration(path, int(detector))
-    except decam.RawFormatError:
+        bpm, _, _ = decam_files.read_master_calibration(path, int(detector))
+    except decam_files.RawFormatError:
         return None
     y, x = np.nonzero(np.asarray(bpm) != 0)
     return np.column_stack([x, y])
