@@ -253,14 +253,6 @@ class Exposure:
             mask_planes=dict(self.mask_planes), metadata=dict(self.metadata),
         )
 
-    def in_memory(self) -> Exposure:
-        """This exposure with its planes read into native-order arrays (a ``read_exposure(...,
-        memmap=True)`` exposure whose pixels are all about to be used); itself when they are."""
-        planes = {"image": np.float32, "mask": np.int32, "variance": np.float32}
-        if all(type(getattr(self, k)) is np.ndarray and getattr(self, k).dtype.isnative for k in planes):
-            return self
-        return replace(self, **{k: np.array(getattr(self, k), dtype=t) for k, t in planes.items()})
-
 
 # ---------------------------------------------------------------------------
 def _card_value(value):

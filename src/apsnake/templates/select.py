@@ -207,8 +207,9 @@ def best_single_visit_template(calexp: Exposure, candidates: list[Exposure], min
     if not candidates:
         raise TemplateError(f"best_single_visit_template: no template calexp for {calexp.data_id}")
     # Candidates may be memory maps (``read_exposure(memmap=True)``): the choice reads their
-    # headers, PSFs and a sparse sample of their masks only, and just the chosen visit's CCDs
-    # are read whole (a template job of a full focal plane has up to ~18 candidates).
+    # headers, PSFs and a sparse sample of their masks only, and of the chosen visit's CCDs
+    # only the part under the calexp is read (a template job of a full focal plane has up to
+    # ~18 candidates).
     by_visit: dict[int, list[Exposure]] = {}
     for exp in candidates:
         by_visit.setdefault(int(exp.visit_info.visit), []).append(exp)
@@ -232,7 +233,7 @@ def best_single_visit_template(calexp: Exposure, candidates: list[Exposure], min
         options.append((float(covered.mean()), sigma, visit))
     best_cov = max(o[0] for o in options)
     _, _, visit = min((o for o in options if o[0] >= best_cov - min_gain), key=lambda o: o[1])
-    merged = merge_warps((single_visit_template(calexp, e.in_memory()) for e in by_visit[visit]), calexp)
+    merged = merge_warps((single_visit_template(calexp, e) for e in by_visit[visit]), calexp)
     coverage = float(merged.metadata.get("TMPLCOV", 0.0))
     log.info("single-visit template for %s: visit %d, coverage %.3f (estimated per visit %s)", calexp.data_id, visit,
              coverage, {o[2]: round(o[0], 3) for o in options})

@@ -133,10 +133,15 @@ def _combine(coef: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def _resample(mapping: Mapping, src_image, src_var, src_mask_dilated, nodata_bit: int, tgt_shape,
-              kernel: _Kernel, spline_coeffs=None):
-    """Resample image, variance and mask through the mapping; returns (image, var, mask, covered)."""
+              kernel: _Kernel, spline_coeffs=None, origin=(0, 0)):
+    """Resample image, variance and mask through the mapping; returns (image, var, mask, covered).
+
+    The source planes may be a box of the source frame whose first pixel is at ``origin`` =
+    (x0, y0) of the frame the mapping points into (``_source_box``).
+    """
     ny_t, nx_t = tgt_shape
     ny_s, nx_s = src_image.shape
+    ox, oy = (int(v) for v in origin)
     image = np.zeros(tgt_shape, np.float32)
     variance = np.zeros(tgt_shape, np.float32)
     mask = np.full(tgt_shape, nodata_bit, np.int32)
@@ -149,8 +154,8 @@ def _resample(mapping: Mapping, src_image, src_var, src_mask_dilated, nodata_bit
     jmax = float(np.nanmax(np.abs(mapping.jac))) if np.isfinite(mapping.jac).any() else 1.0
     step = max(float(np.max(np.diff(mapping.xn))), float(np.max(np.diff(mapping.yn))))
     reach = step * jmax * 1.5 + kernel.taps + 2
-    near = (mapping.valid & (mapping.sx > -reach) & (mapping.sx < nx_s - 1 + reach)
-            & (mapping.sy > -reach) & (mapping.sy < ny_s - 1 + reach))
+    near = (mapping.valid & (mapping.sx > ox - reach) & (mapping.sx < ox + nx_s - 1 + reach)
+            & (mapping.sy > oy - reach) & (mapping.sy < oy + ny_s - 1 + reach))
     if not near.any():
         return image, variance, mask, covered
     rows, cols = np.nonzero(near)
@@ -211,8 +216,8 @@ def _resample(mapping: Mapping, src_image, src_var, src_mask_dilated, nodata_bit
         ty = _combine(c, inner["ty"][k0:k0 + c.shape[1]]).ravel()
         itx = tx.astype(np.intp)
         ity = ty.astype(np.intp)
-        ix = (itx >> shift) - (_COORD_OFFSET + lo)  # first tap column
-        iy = (ity >> shift) - (_COORD_OFFSET + lo)
+        ix = (itx >> shift) - (_COORD_OFFSET + lo + ox)  # first tap column of the source box
+        iy = (ity >> shift) - (_COORD_OFFSET + lo + oy)
         px = itx & phase_mask
         py = ity & phase_mask
         inside = (ix.view(np.uintp) <= span_x) & (iy.view(np.uintp) <= span_y) & (tx > 0) & (ty > 0)
@@ -242,8 +247,8 @@ def _resample(mapping: Mapping, src_image, src_var, src_mask_dilated, nodata_bit
         else:
             from scipy import ndimage
 
-            xs = tx / scale - _COORD_OFFSET
-            ys = ty / scale - _COORD_OFFSET
+            xs = tx / scale - (_COORD_OFFSET + ox)
+            ys = ty / scale - (_COORD_OFFSET + oy)
             acc = ndimage.map_coordinates(spline_coeffs, [ys, xs], order=3, prefilter=False, mode="mirror",
                                           output=np.float32)
         # Variance: bilinear interpolation times the kernel's sum of squared weights.
@@ -351,6 +356,24 @@ def _warp_psf(psf: PsfModel | None, mapping: Mapping, covered: np.ndarray) -> Ps
     return model
 
 
+def _source_box(mapping: Mapping, src_shape, taps: int) -> tuple[slice, slice]:
+    """The box of the source frame that the target can read: the nodes' source positions
+    (every target pixel maps inside their bounding box, the spline between nodes of a smooth
+    map overshooting by far less than a pixel) widened by the kernel's reach and a margin,
+    clipped to the frame. A CCD of a dithered visit covers only part of the science CCD, so
+    only that part of it is converted, masked and dilated."""
+    ny_s, nx_s = src_shape
+    finite = np.isfinite(mapping.sx) & np.isfinite(mapping.sy)
+    if not finite.any():
+        return slice(0, 0), slice(0, 0)
+    margin = taps + 16
+    x0 = int(np.clip(math.floor(np.min(mapping.sx[finite])) - margin, 0, nx_s))
+    x1 = int(np.clip(math.ceil(np.max(mapping.sx[finite])) + margin + 1, 0, nx_s))
+    y0 = int(np.clip(math.floor(np.min(mapping.sy[finite])) - margin, 0, ny_s))
+    y1 = int(np.clip(math.ceil(np.max(mapping.sy[finite])) + margin + 1, 0, ny_s))
+    return slice(y0, max(y0, y1)), slice(x0, max(x0, x1))
+
+
 def warp_exposure(exposure: Exposure, target_wcs, target_shape, grid_spacing: int = 64,
                   kernel: str = "lanczos3") -> Exposure:
     """Resample an exposure onto another pixel grid.
@@ -397,19 +420,26 @@ def warp_exposure(exposure: Exposure, target_wcs, target_shape, grid_spacing: in
 
     planes = dict(exposure.mask_planes)
     nodata_bit = add_mask_plane(planes, "NO_DATA")  # on a copy: never modify the input exposure
-    src_mask = exposure.mask
-    finite = np.isfinite(exposure.image) & np.isfinite(exposure.variance)
+    # Only the part of the source that the target reads (the whole of it for the spline path,
+    # whose prefilter sees the whole image); planes may be memory maps in the file's byte
+    # order: converted here, box only.
+    box = _source_box(mapping, exposure.shape, kern.taps) if kern.weights is not None else np.s_[:, :]
+    src_image = np.ascontiguousarray(exposure.image[box], dtype=np.float32)
+    src_var = np.ascontiguousarray(exposure.variance[box], dtype=np.float32)
+    src_mask = np.ascontiguousarray(exposure.mask[box], dtype=np.int32)
+    origin = (box[1].start or 0, box[0].start or 0)
+    finite = np.isfinite(src_image) & np.isfinite(src_var)
     if not finite.all():
-        src_mask = src_mask | np.where(finite, 0, nodata_bit).astype(np.int32)
-    dilated = window_or(src_mask.astype(np.int32, copy=False), 0, kern.taps - 1) if src_mask.any() else None
+        src_mask = src_mask | np.where(finite, 0, nodata_bit).astype(np.int32)  # never the input's array
+    dilated = window_or(src_mask, 0, kern.taps - 1) if src_mask.any() else None
     coeffs = None
     if kern.weights is None:
         from scipy import ndimage
 
-        coeffs = ndimage.spline_filter(np.where(finite, exposure.image, 0.0).astype(np.float64), order=3,
+        coeffs = ndimage.spline_filter(np.where(finite, src_image, 0.0).astype(np.float64), order=3,
                                        mode="mirror")
-    image, variance, mask, covered = _resample(mapping, exposure.image, exposure.variance, dilated, nodata_bit,
-                                               (ny_t, nx_t), kern, coeffs)
+    image, variance, mask, covered = _resample(mapping, src_image, src_var, dilated, nodata_bit,
+                                               (ny_t, nx_t), kern, coeffs, origin=origin)
     psf = _warp_psf(exposure.psf, mapping, covered)
     metadata = dict(exposure.metadata)
     metadata["WARPKERN"] = kern.name
