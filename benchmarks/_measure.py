@@ -24,10 +24,16 @@ def timed(func, *args, repeat: int = 1, **kwargs):
     return best, result
 
 
-def in_fresh_process(code: str) -> dict:
+# What every workflow job does first (``logs.workflow_step``): freed memory kept for reuse.
+JOB_PREAMBLE = "from apsnake.memory import keep_freed_memory as _keep; _keep()\n"
+
+
+def in_fresh_process(code: str, as_job: bool = True) -> dict:
     """Run Python ``code`` (which must print one JSON line) in a new interpreter, so that its
-    peak memory is its own; returns the parsed JSON."""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak memory is its own; returns the parsed JSON. ``as_job``: with the allocator settings
+    of a workflow job."""
+    out = subprocess.run([sys.executable, "-c", (JOB_PREAMBLE if as_job else "") + code], capture_output=True,
+                         text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

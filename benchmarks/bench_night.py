@@ -142,7 +142,9 @@ def main() -> None:
     else:
         visits = sorted(set(args.visits) | set(templates)) if args.visits else sim_summary["visits"]
         # Absolute: Snakemake runs in --directory and would read a relative outdir from there.
-        folder = Path(tempfile.mkdtemp(prefix="bench_night_", dir=args.keep or (REPO / "benchmarks" / "out"))).resolve()
+        parent = args.keep or (REPO / "benchmarks" / "out")
+        parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="bench_night_", dir=parent)).resolve()
     try:
         if not args.resume:
             config = {"simulate": None, "raw": str(night / "raw"), "calibs": str(night / "calib"),

@@ -55,7 +55,8 @@ def main(n: int = 20) -> None:
                           ("apsnake.registry", "apsnake.registry"), ("apsnake.isr + exposure", "apsnake.isr, apsnake.exposure")):
         res = in_fresh_process(
             "import time, json, resource; t=time.perf_counter(); import " + module +
-            "; print(json.dumps({'t': time.perf_counter()-t, 'mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024}))")
+            "; print(json.dumps({'t': time.perf_counter()-t, 'mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024}))",
+            as_job=False)
         imports.append((f"import {label}", res["t"], res["mb"]))
     report("Import cost in a fresh interpreter", imports)
 

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 
@@ -79,3 +80,35 @@ def test_warp_and_dipole_psf_load_no_scipy_interpolate():
         "assert psf.image(np.arange(10.0), np.arange(12.0), 4.3, 5.6).shape == (12, 10)"
     )
     assert "apsnake.dia.dipole" in loaded and "scipy.interpolate" not in loaded
+
+
+_REALLOCATE = (
+    "import json, resource, numpy as np\n"
+    "{setup}\n"
+    "a = np.ones(64 << 18, np.float32)  # 64 MiB, above glibc's largest automatic mmap threshold\n"
+    "del a\n"
+    "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+    "b = np.ones(64 << 18, np.float32)\n"
+    "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before))\n"
+)
+
+
+def _page_faults_of_a_second_array(setup: str) -> int:
+    env = {**os.environ, "NUMPY_MADVISE_HUGEPAGE": "0"}  # 4 KiB pages: one fault per page touched
+    out = subprocess.run([sys.executable, "-c", _REALLOCATE.format(setup=setup)], capture_output=True, text=True,
+                         check=True, env=env).stdout
+    return int(out.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_a_job_reuses_freed_memory_instead_of_faulting_in_new_pages(tmp_path):
+    """A job frees and allocates CCD-sized arrays all the time; ``workflow_step`` makes the
+    process keep freed memory, so the next array of that size reuses it instead of faulting in
+    (and zeroing) 16,384 fresh pages."""
+    fresh = _page_faults_of_a_second_array("")
+    assert fresh > 10_000  # the default: a fresh mapping per large array
+    in_a_job = _page_faults_of_a_second_array(
+        "from apsnake.logs import workflow_step\n"
+        f"with workflow_step('step', {str(tmp_path / 'job.log')!r}, 'visit=1 detector=2'):\n"
+        "    pass")
+    assert in_a_job < 1_000

@@ -36,8 +36,12 @@ def workflow_step(name: str, log_path: str | Path | None = None, data_id: str = 
     """Run a step with logging configured; bad input ends the job with one clear line.
 
     ``ApsnakeError`` (bad input) is logged as ``<name> <data_id> failed: <message>`` and the
-    process exits with status 1 and no traceback; other exceptions propagate unchanged.
+    process exits with status 1 and no traceback; other exceptions propagate unchanged. The
+    process keeps freed memory for reuse (``memory.keep_freed_memory``).
     """
+    from apsnake.memory import keep_freed_memory
+
+    keep_freed_memory()
     configure(log_path)
     logger = logging.getLogger(f"apsnake.{name}")
     label = f"{name} {data_id}".strip()
