@@ -54,3 +54,25 @@ def test_binned_fractions_and_clopper_pearson_errors():
     assert bins["err_lo"][1] < 0.5 < bins["err_hi"][1]
     empty = binned_completeness([], [], [0, 1])
     assert empty["n"].tolist() == [0] and np.isnan(empty["fraction"][0])
+
+
+def test_completeness_leaves_scipy_stats_unloaded():
+    """The night report's completeness (binomial errors, logistic fits) must not pay the 0.7 s
+    import of scipy.stats in the QA jobs."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys, numpy as np\n"
+        "from apsnake.completeness import binned_completeness, fit_completeness\n"
+        "rng = np.random.default_rng(1)\n"
+        "mag = rng.uniform(20, 25, 300)\n"
+        "found = rng.uniform(size=300) < 1 / (1 + np.exp((mag - 23) / 0.3))\n"
+        "fit = fit_completeness(mag, found, decreasing=True)\n"
+        "binned_completeness(mag, found, np.arange(20, 25.5, 0.5))\n"
+        "print(json.dumps([fit.x50, 'scipy.stats' in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    x50, loaded = json.loads(out.strip().splitlines()[-1])
+    assert abs(x50 - 23.0) < 0.15 and not loaded

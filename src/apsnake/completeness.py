@@ -45,7 +45,7 @@ def binned_completeness(values, detected, edges) -> dict[str, np.ndarray]:
     ``fraction`` (k / n, NaN for an empty bin) and ``err_lo``, ``err_hi``: the Clopper-Pearson
     (exact binomial) one-sigma interval, so that a bin of 3 out of 3 is not given zero error.
     """
-    from scipy.stats import beta
+    from scipy.special import betaincinv  # the beta distribution's quantiles (scipy.stats costs 0.7 s to import)
 
     values, detected = np.asarray(values, float), np.asarray(detected, bool)
     edges = np.asarray(edges, float)
@@ -57,8 +57,8 @@ def binned_completeness(values, detected, edges) -> dict[str, np.ndarray]:
     tail = (1.0 - ONE_SIGMA) / 2.0
     with np.errstate(invalid="ignore", divide="ignore"):
         fraction = np.where(n > 0, k / np.maximum(n, 1), np.nan)
-        err_lo = np.where(k > 0, beta.ppf(tail, k, n - k + 1), 0.0)
-        err_hi = np.where(k < n, beta.ppf(1.0 - tail, k + 1, n - k), 1.0)
+        err_lo = np.where(k > 0, betaincinv(np.maximum(k, 1), n - k + 1, tail), 0.0)
+        err_hi = np.where(k < n, betaincinv(k + 1, np.maximum(n - k, 1), 1.0 - tail), 1.0)
     err_lo = np.where(n > 0, err_lo, np.nan)
     err_hi = np.where(n > 0, err_hi, np.nan)
     return {"lo": edges[:-1], "hi": edges[1:], "n": n, "k": k, "fraction": fraction,
@@ -67,25 +67,43 @@ def binned_completeness(values, detected, edges) -> dict[str, np.ndarray]:
 
 def _fit_logistic(x, d, decreasing, start=None):
     """Maximum-likelihood (Bernoulli) logistic with a plateau: (plateau, center, width).
-    ``start``: one (plateau, center, width) to start from, else a small grid of starts."""
+    ``start``: one (plateau, center, width) to start from, else a small grid of starts.
+
+    Quasi-Newton (BFGS) on the analytic gradient of the negative log-likelihood in
+    (center, log width, logit plateau): ~30 evaluations per fit, where a simplex search took
+    ~350 (a night report fits one curve and 40 bootstrap resamples per data ID and group).
+    """
     from scipy.optimize import minimize
     from scipy.special import expit
 
     sign = -1.0 if decreasing else 1.0
     spread = max(float(np.std(x)), 1e-3)
+    eps = 1e-9
 
-    def nll(p):
+    def nll_and_grad(p):
         center, log_width, logit_plateau = p
-        c = expit(logit_plateau) * expit(sign * (x - center) / np.exp(log_width))
-        c = np.clip(c, 1e-9, 1.0 - 1e-9)
-        return -np.sum(d * np.log(c) + (1.0 - d) * np.log1p(-c))
+        width = np.exp(log_width)
+        z = sign * (x - center) / width
+        plateau, s = expit(logit_plateau), expit(z)
+        c = plateau * s
+        clipped = (c < eps) | (c > 1.0 - eps)
+        c = np.clip(c, eps, 1.0 - eps)
+        value = -np.sum(d * np.log(c) + (1.0 - d) * np.log1p(-c))
+        dc = np.where(clipped, 0.0, (c - d) / (c * (1.0 - c)))  # d(nll)/dc per value
+        ds = plateau * s * (1.0 - s)  # dc/dz
+        grad = np.array([
+            np.sum(dc * ds * (-sign / width)),  # dz/dcenter = -sign / width
+            np.sum(dc * ds * (-z)),  # dz/dlog_width = -z
+            np.sum(dc * c * (1.0 - plateau)),  # dc/dlogit_plateau = c (1 - plateau)
+        ])
+        return float(value), grad
 
     if start is None:
         starts = [(float(np.quantile(x, q)), np.log(spread * f), 4.0) for q in (0.3, 0.5, 0.7) for f in (0.1, 0.5)]
     else:
         plateau, center, width = start
         starts = [(center, np.log(abs(width)), np.log(plateau / max(1.0 - plateau, 1e-6)))]
-    best = min((minimize(nll, s, method="Nelder-Mead", options={"xatol": 1e-5, "fatol": 1e-7, "maxiter": 4000})
+    best = min((minimize(nll_and_grad, s, jac=True, method="BFGS", options={"gtol": 1e-6, "maxiter": 400})
                 for s in starts), key=lambda r: r.fun)
     center, log_width, logit_plateau = best.x
     return float(expit(logit_plateau)), float(center), sign * float(np.exp(log_width))
