@@ -284,3 +284,26 @@ def test_report_renders_in_chromium(report_text, tmp_path):
     assert list(images) == list(FIGURES)
     for png in images.values():
         _decoded(png)
+
+
+def test_report_cutouts_open_each_image_once_per_version(tmp_path, monkeypatch):
+    """The gallery takes several cutouts from each image: one open (headers, WCS) per file,
+    again only when the file has been rewritten."""
+    import os
+
+    from apsnake.qa import images
+
+    path = tmp_path / "diffexp.fits"
+    exp = Exposure.empty((60, 50), VisitInfo(visit=1, band="g"), detector=1)
+    exp.image[:] = np.arange(50, dtype=np.float32)
+    write_exposure(exp, path)
+    opened = []
+    real = images.read_exposure
+    monkeypatch.setattr(images, "read_exposure", lambda p, **kw: opened.append(p) or real(p, **kw))
+    first = images.cutout(path, 10, 20, half=3)
+    images.cutout(path, 30, 40, half=3)
+    assert len(opened) == 1 and np.array_equal(first[3], np.arange(7, 14, dtype=float))
+    exp.image[:] = 1.0
+    write_exposure(exp, path)
+    os.utime(path, ns=(1, 1))  # a new version even within the file system's time resolution
+    assert np.all(images.cutout(path, 10, 20, half=3) == 1.0) and len(opened) == 2

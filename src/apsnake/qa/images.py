@@ -5,6 +5,7 @@ Images are read with ``read_exposure(memmap=True)``, so a cutout reads only its 
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +34,19 @@ def cutout(path: str | Path, x: float, y: float, half: int = 20) -> np.ndarray |
     size = 2 * half + 1
     out = np.full((size, size), np.nan)
     ix, iy = int(round(float(x))), int(round(float(y)))
-    image = read_exposure(path, memmap=True).image
+    stat = path.stat()
+    image = _image_plane(path, stat.st_mtime_ns, stat.st_size)
     ny, nx = image.shape
     x0, x1 = max(ix - half, 0), min(ix + half + 1, nx)
     y0, y1 = max(iy - half, 0), min(iy + half + 1, ny)
     if x0 < x1 and y0 < y1:
         out[y0 - (iy - half):y1 - (iy - half), x0 - (ix - half):x1 - (ix - half)] = image[y0:y1, x0:x1]
     return out
+
+
+@lru_cache(maxsize=64)
+def _image_plane(path: Path, mtime_ns: int, size: int) -> np.ndarray:
+    """The memory-mapped IMAGE plane of an Exposure FITS, opened once per version of the file
+    (the report's gallery takes several cutouts from each image; opening one parses its
+    headers and WCS)."""
+    return read_exposure(path, memmap=True).image
