@@ -20,9 +20,11 @@ with workflow_step("detectDiaSources", snakemake.log[0], f"visit={visit} detecto
         log.warning("visit=%d detector=%d: no difference image (%s); empty diaSrc", visit, detector, metadata["reason"])
         table = schema.empty_table("DiaSource")
     else:
+        # Science and matched template are measured at the sources only (forced PSF fluxes,
+        # dipole fits, pixel flags): memory maps, so the rest of their pixels is never read.
         table = detect_dia_sources(
-            read_exposure(snakemake.input.diffexp), read_exposure(snakemake.input.calexp),
-            read_exposure(snakemake.input.matched_template), config,
+            read_exposure(snakemake.input.diffexp), read_exposure(snakemake.input.calexp, memmap=True),
+            read_exposure(snakemake.input.matched_template, memmap=True), config,
         )
     log.info("visit=%d detector=%d: %d DIA sources", visit, detector, table.num_rows)
     with atomic_output(snakemake.output.diaSrc) as tmp:

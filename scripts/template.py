@@ -9,7 +9,8 @@ from apsnake.templates import best_single_visit_template, template_for_exposure
 visit, detector = int(snakemake.wildcards.visit), int(snakemake.wildcards.detector)
 
 with workflow_step("template", snakemake.log[0], f"visit={visit} detector={detector}"):
-    calexp = read_exposure(snakemake.input.calexp)
+    # The calexp gives the grid (WCS, shape), visit info and PSF; its pixels are not used.
+    calexp = read_exposure(snakemake.input.calexp, memmap=True)
     if snakemake.params.mode == "single":
         # Memory maps: only the chosen visit's calexps are read whole.
         template = best_single_visit_template(calexp, [read_exposure(p, memmap=True) for p in snakemake.input.inputs])

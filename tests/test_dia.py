@@ -10,6 +10,7 @@ sources into T only, misregistered stars into both at slightly different positio
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 from astropy.wcs import WCS
 from scipy.spatial import cKDTree
@@ -646,3 +647,29 @@ def test_core_residuals_of_bright_stars_are_filtered_transients_on_them_kept():
     assert found_without[kind == 0].all() and not found_default[kind == 0].any()
     assert found_default[kind == 1].all() and found_default[kind == 2].mean() > 0.9
     assert np.array_equal(found_default[kind == 2], found_without[kind == 2])
+
+
+def test_science_and_template_as_memory_maps_give_the_same_table(tmp_path):
+    """The detectDiaSources job opens the calexp and the matched template as memory maps (only
+    the pixels at the sources are read, in the file's byte order): the table is the one from
+    planes read whole."""
+    from apsnake.exposure import read_exposure, write_exposure
+
+    rng = np.random.default_rng(4)
+    x, y = _grid(rng, 150)
+    flux = 10 ** rng.uniform(4.0, 4.8, x.size)
+    diff, sci, tmpl = make_images(dipoles=[(x[0], y[0], flux[0], 1.5, 0.5)], static=list(zip(x[1:4], y[1:4], flux[1:4])),
+                                  transients=list(zip(x[4:], y[4:], flux[4:])), seed=12)
+    sci.mask[int(y[5]), int(x[5])] |= sci.mask_bit("SAT")
+    paths = {}
+    for name, exp in (("science", sci), ("template", tmpl)):
+        paths[name] = tmp_path / f"{name}.fits"
+        write_exposure(exp, paths[name])
+    whole = detect_dia_sources(diff, read_exposure(paths["science"]), read_exposure(paths["template"]),
+                               time_processed_mjd=1.0).to_pandas()
+    mapped_sci = read_exposure(paths["science"], memmap=True)
+    assert not mapped_sci.image.dtype.isnative
+    mapped = detect_dia_sources(diff, mapped_sci, read_exposure(paths["template"], memmap=True),
+                                time_processed_mjd=1.0).to_pandas()
+    assert len(whole) >= x.size - 4 and whole["isDipole"].any()  # the static stars cancel
+    pd.testing.assert_frame_equal(whole, mapped)
