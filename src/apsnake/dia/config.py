@@ -97,6 +97,14 @@ class DiaConfig:
     filter_min_science_snr : float or None
         Drop sources with scienceFlux / scienceFluxErr below this [minAllowedDirectSnr=-2];
         None disables.
+    debias_centroid_flux : bool
+        Correct ``psfFlux`` for measuring at the source's own centroid (not in Rubin): the PSF
+        flux at the position that maximises it exceeds the flux at the true position by
+        ``sigma_F^2 / F`` on average (two fitted coordinates; ``sigma_F`` the PSF flux's pixel
+        noise), a pull bias of ``1 / (S/N)``: +0.1 at S/N 10. ``psfFlux`` becomes
+        ``F (1 - min(sigma_F^2 / F^2, 1/4))``; its error, and the fluxes forced at the position
+        (``scienceFlux``, ``templateFlux``, DiaForcedSource) are unchanged. Not applied to
+        dipoles, whose position is the midpoint of two fitted lobes.
     filter_max_peak_excess : float or None
         Drop sources (not dipoles) whose centre pixel is brighter than their PSF flux predicts
         by more than this many sigma (``measure.peak_excess_sigma``): sharper than the PSF, a
@@ -131,6 +139,7 @@ class DiaConfig:
     drop_center_any: tuple = ("BAD", "EDGE", "NO_DATA", "SAT", "SAT_TEMPLATE", "SPIKE")
     drop_center_all: tuple = ("INTRP",)
     template_flux_error: float = 0.01
+    debias_centroid_flux: bool = True
     apply_filter: bool = True
     filter_centroid_flag: bool = True
     filter_center_any: tuple = ("CR",)

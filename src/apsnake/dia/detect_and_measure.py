@@ -8,7 +8,8 @@ filterDiaSourceCatalog and ``DiaSource.yaml``; docs/algorithms.md, DIA sources):
    peaks of one sign into one source per peak (a close positive/negative pair stays one
    dipole candidate), sub-pixel peaks; ``isNegative`` = only a negative lobe.
 2. **Dipoles** (``dipole``): sources with both lobes are fitted as dipoles.
-3. **Measurement** (``measure``): PSF flux on the difference image (Rubin PsfFlux), 12-px
+3. **Measurement** (``measure``): PSF flux on the difference image (Rubin PsfFlux; less the
+   ``sigma_F^2 / F`` its own centroid adds, ``centroid_flux_debiased``, not in Rubin), 12-px
    aperture flux (sep), forced PSF fluxes on the science image (``scienceFlux``) and on the
    PSF-matched template (``templateFlux``), adaptive moments of the source and of the PSF
    (arcsec^2, local pixel scale), pixel flags. PSF fluxes are multiplied by the science
@@ -148,10 +149,13 @@ def detect_dia_sources(difference: Exposure, science: Exposure | None, matched_t
             cols[name] = cols[name] * apcorr
     # The detection S/N with the template's PSF-matching error in its noise: a 1 % residual of a
     # bright star's core is coherent over the PSF and far above its pixel noise.
+    pixel_noise = cols["psfFluxErr"]
+    if cfg.debias_centroid_flux:
+        cols["psfFlux"] = np.where(dip["isDipole"], cols["psfFlux"],
+                                   centroid_flux_debiased(cols["psfFlux"], pixel_noise))
     snr_with_matching = np.abs(snr)
     if cfg.template_flux_error > 0 and "templateFlux" in cols:
         matching = cfg.template_flux_error * np.nan_to_num(np.abs(cols["templateFlux"]))
-        pixel_noise = cols["psfFluxErr"]
         cols["psfFluxErr"] = np.hypot(pixel_noise, matching)
         with np.errstate(divide="ignore", invalid="ignore"):
             snr_with_matching = np.abs(snr) * np.where(cols["psfFluxErr"] > 0, pixel_noise / cols["psfFluxErr"], 1.0)
@@ -223,6 +227,21 @@ def detect_dia_sources(difference: Exposure, science: Exposure | None, matched_t
     log.info("data ID %s: %d DIA sources (%d dipoles, %d negative) in %.2f s", difference.data_id, m,
              int(out["isDipole"].sum()), int(out["isNegative"].sum()), time.perf_counter() - t_start)
     return table
+
+
+def centroid_flux_debiased(flux, flux_noise):
+    """PSF flux measured at the source's own centroid, less its expected excess over the flux
+    at the true position.
+
+    Maximising ``F(x, y)`` over two coordinates gains ``sigma_F^2 / F`` on average, to second
+    order and for any PSF (the matched filter's noise gradient and its curvature both scale with
+    the PSF's Fisher matrix): returns ``F (1 - min(sigma_F^2 / F^2, 1/4))``, the cap keeping the
+    sign and a continuous value below S/N 2. Same units as ``flux``; NaN stays NaN.
+    """
+    flux = np.asarray(flux, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fraction = np.minimum((np.asarray(flux_noise, float) / flux) ** 2, 0.25)
+    return np.where(np.isfinite(fraction), flux * (1.0 - fraction), flux)
 
 
 def _check_inputs(difference, science, template):
