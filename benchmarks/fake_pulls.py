@@ -16,7 +16,9 @@ median error of ~0.03.
 The expected effect of measuring at the fitted centroid: to second order, the PSF flux at the
 position that maximises it exceeds the flux at the true position by sigma_F^2 / F (two
 dimensions, any PSF, white noise), i.e. a pull bias of 1 / (S/N) per source; a centroid that
-does not maximise the PSF flux gives less. Reported next to the measured gap.
+does not maximise the PSF flux gives less. Reported next to the measured gap. Since
+``dia.debias_centroid_flux`` (default on) the DiaSource ``psfFlux`` has that expected excess
+taken out, so the gap measures what is left of it (about -0.01 on the mean).
 """
 
 from __future__ import annotations
