@@ -181,13 +181,17 @@ def widen_saturation_trails(sat: np.ndarray) -> np.ndarray:
     width = ends - starts
     grow = np.select([width >= 10, width >= 8, width >= 6], [4, 3, 1], default=0)
     sel = grow > 0
+    out = sat.copy()
     if not sel.any():
-        return sat.copy()
+        return out
+    # Only the rows holding a widened run (a few hundred of 4096) are touched.
     ncol = sat.shape[1]
-    diff = np.zeros((sat.shape[0], ncol + 1), np.int32)
-    np.add.at(diff, (rows[sel], np.clip(starts[sel] - grow[sel], 0, ncol)), 1)
-    np.add.at(diff, (rows[sel], np.clip(ends[sel] + grow[sel], 0, ncol)), -1)
-    return sat | (np.cumsum(diff, axis=1)[:, :ncol] > 0)
+    touched, row_index = np.unique(rows[sel], return_inverse=True)
+    diff = np.zeros((touched.size, ncol + 1), np.int32)
+    np.add.at(diff, (row_index, np.clip(starts[sel] - grow[sel], 0, ncol)), 1)
+    np.add.at(diff, (row_index, np.clip(ends[sel] + grow[sel], 0, ncol)), -1)
+    out[touched] |= np.cumsum(diff, axis=1, dtype=np.int32)[:, :ncol] > 0
+    return out
 
 
 def interpolate_rows(image: np.ndarray, bad: np.ndarray, fallback: float) -> np.ndarray:
@@ -195,17 +199,17 @@ def interpolate_rows(image: np.ndarray, bad: np.ndarray, fallback: float) -> np.
     pixels on either side (a run touching the edge takes its one good neighbour); rows
     with no good pixel take ``fallback``. Returns a new array."""
     out = np.array(image, dtype=np.float32, copy=True)
-    if not bad.any():
+    rows, starts, ends = _row_runs(bad)
+    if rows.size == 0:
         return out
-    nrow, ncol = image.shape
-    cols = np.arange(ncol, dtype=np.int32)
-    good = ~bad
-    left = np.where(good, cols, -1)
-    np.maximum.accumulate(left, axis=1, out=left)
-    right = np.where(good, cols, np.int32(ncol))
-    right = np.minimum.accumulate(right[:, ::-1], axis=1)[:, ::-1]
-    r, c = np.nonzero(bad)
-    lc, rc = left[r, c], right[r, c]
+    ncol = image.shape[1]
+    # Every bad pixel lies in a maximal run [start, end) of its row: its nearest good
+    # neighbours are columns start - 1 and end (-1 and ncol when the run touches an edge).
+    length = ends - starts
+    r = np.repeat(rows, length)
+    first = np.repeat(np.cumsum(length) - length, length)
+    c = np.repeat(starts, length) + (np.arange(r.size) - first)
+    lc, rc = np.repeat(starts - 1, length), np.repeat(ends, length)
     has_l, has_r = lc >= 0, rc < ncol
     lv = out[r, np.clip(lc, 0, ncol - 1)]
     rv = out[r, np.clip(rc, 0, ncol - 1)]
