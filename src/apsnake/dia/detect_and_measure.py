@@ -147,12 +147,13 @@ def detect_dia_sources(difference: Exposure, science: Exposure | None, matched_t
     for name in ("psfFlux", "psfFluxErr", "scienceFlux", "scienceFluxErr", "templateFlux", "templateFluxErr"):
         if name in cols:
             cols[name] = cols[name] * apcorr
-    # The detection S/N with the template's PSF-matching error in its noise: a 1 % residual of a
-    # bright star's core is coherent over the PSF and far above its pixel noise.
+    # The centroid chases the pixel noise, so its excess is set by that noise alone.
     pixel_noise = cols["psfFluxErr"]
     if cfg.debias_centroid_flux:
         cols["psfFlux"] = np.where(dip["isDipole"], cols["psfFlux"],
                                    centroid_flux_debiased(cols["psfFlux"], pixel_noise))
+    # The detection S/N with the template's PSF-matching error in its noise: a 1 % residual of a
+    # bright star's core is coherent over the PSF and far above its pixel noise.
     snr_with_matching = np.abs(snr)
     if cfg.template_flux_error > 0 and "templateFlux" in cols:
         matching = cfg.template_flux_error * np.nan_to_num(np.abs(cols["templateFlux"]))
