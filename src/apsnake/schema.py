@@ -144,7 +144,8 @@ DIA_SOURCE_COLUMNS: tuple[Column, ...] = tuple([
     _c("isNegative", BOOL, "", "Detected only below the negative threshold (template brighter)."),
     _c("snr", F32, "", "Detection significance: peak of the PSF-filtered difference image over its noise."),
     _c("psfFlux", F32, "nJy", "PSF-fit flux on the difference image (science minus template), less the "
-       "excess psfFluxErr^2/psfFlux of measuring at its own centroid (dia.debias_centroid_flux)."),
+       "excess sigma^2/psfFlux of measuring at its own centroid, sigma its pixel-noise error "
+       "(dia.debias_centroid_flux)."),
     _c("psfFluxErr", F32, "nJy", "Uncertainty of psfFlux."),
     _c("psfLnL", F32, "", "Natural log-likelihood of the data under the point-source model."),
     _c("psfChi2", F32, "", "Chi-square of the PSF fit on the difference image."),
