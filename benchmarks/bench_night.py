@@ -8,9 +8,11 @@ workflow on it with ``--cores N`` in a scratch folder, then reads, for every job
 benchmark file (``out/benchmarks/**.tsv``, column ``s``: the job's wall time, interpreter start,
 imports and I/O included) and the ``done in X s`` line that ``apsnake.logs.workflow_step`` writes
 to the job's log (the time inside the step: reading inputs, the library call, writing outputs).
-Prints, per science data ID, the sum over its jobs (isr, calibrate, template, diffim,
-detectDiaSources, fakes, associate, package_alerts) split into step time and the rest (Snakemake's
-job start, the Python interpreter, imports, the script adapter), the same per rule, the jobs that
+Prints, per science data ID, the sum over its jobs (processCcd, imageDifference, fakes, associate,
+package_alerts; with ``--step-jobs separate`` isr, calibrate, template, diffim and detectDiaSources
+instead of the first two) split into step time and the rest (Snakemake's job start, the Python
+interpreter, imports, the script adapter), the same sum for raw -> apdb_marker (every job of the
+data ID but fakes and alert packaging), the same per rule, the jobs that
 belong to no data ID (ingest, coadd, night_summary, report) and the night's wall time.
 
 Memory: the peak of any job (the ``max_rss`` column of the benchmark files: Snakemake samples the
@@ -51,6 +53,7 @@ from _measure import ensure_night
 REPO = Path(__file__).resolve().parents[1]
 DONE = re.compile(r": done in ([0-9.]+) s")
 # {rule}/{visit}/{rule}_{visit}_{detector}.tsv; per-night jobs: {name}.tsv, {group}/{name}.tsv
+NOT_IN_CHAIN = {"fakes", "package_alerts", "produce_alerts"}
 DATA_ID = re.compile(r"_(\d+)_(\d+)$")
 # Runs a command and writes the kernel's peak RSS of its largest descendant (kB) to argv[1].
 PEAK_WRAPPER = ("import json, resource, subprocess, sys\n"
@@ -118,6 +121,8 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="run under DIR and keep the products")
     parser.add_argument("--visits", type=int, nargs="+", help="process only these EXPNUMs (and the template visits)")
     parser.add_argument("--json", type=Path, help="also write the figures to FILE")
+    parser.add_argument("--step-jobs", choices=["merged", "separate"],
+                        help="the workflow's step_jobs option (default: the workflow's own, merged)")
     parser.add_argument("--resume", type=Path, help="finish the stopped --keep run in this folder")
     args = parser.parse_args()
     previous_peak_mb = 0.0
@@ -150,6 +155,8 @@ def main() -> None:
             config = {"simulate": None, "raw": str(night / "raw"), "calibs": str(night / "calib"),
                       "refcat": str(night / "refcat.parquet"), "templates": {"visits": templates},
                       "outdir": str(folder / "out"), "visits": visits if args.visits else "all"}
+            if args.step_jobs:
+                config["step_jobs"] = args.step_jobs
             (folder / "config.yaml").write_text(yaml.safe_dump(config))
         cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(folder),
                "--configfile", str(folder / "config.yaml"), "--cores", str(args.cores), "--quiet", "all"]
@@ -223,6 +230,16 @@ def main() -> None:
         figures[f"{label}_data_ids"] = len(rows)
         figures[f"{label}_jobs_wall_mean_s"] = statistics.mean(walls)
         figures[f"{label}_steps_mean_s"] = statistics.mean(r[1] for r in rows)
+    # Raw -> apdb_marker: what a science data ID costs until its DiaSources are in the APDB.
+    chain = [(sum(j["wall"] for j in rows), sum(j["step"] or 0.0 for j in rows))
+             for data_id, rows in ((k, [j for j in v if j["rule"] not in NOT_IN_CHAIN]) for k, v in per_id.items())
+             if data_id[0] not in template_visits]
+    if chain:
+        wall, step = statistics.mean(c[0] for c in chain), statistics.mean(c[1] for c in chain)
+        print(f"raw -> apdb_marker per science data ID (its jobs but {', '.join(sorted(NOT_IN_CHAIN))}): "
+              f"{wall:.2f} s wall, {step:.2f} s in the steps, {wall - step:.2f} s rest (mean of {len(chain)})")
+        figures["raw_to_apdb_marker_wall_mean_s"] = wall
+        figures["raw_to_apdb_marker_steps_mean_s"] = step
     print(f"\n{'rule':>18s} {'jobs':>5s} {'mean wall (s)':>14s} {'mean step (s)':>14s} {'mean rest (s)':>14s} "
           f"{'max RSS (MB)':>13s}")
     for rule, rows in sorted(per_rule.items(), key=lambda kv: -sum(j["wall"] for j in kv[1])):

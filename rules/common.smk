@@ -28,6 +28,10 @@ sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
 gc.set_threshold(100_000, 50, 1000)
 
 OUT = config["outdir"]
+# separate: one job per step; merged: isr + calibrate (processCcd) and template + diffim +
+# detectDiaSources (imageDifference) as one job each, writing the same products.
+STEP_JOBS = config.get("step_jobs", "merged")
+KEEP_POSTISR = config.get("keep_postisr", True)
 SIMULATE = config.get("simulate")
 
 
@@ -151,7 +155,7 @@ def product(name, ext="fits"):
 def intermediate(path):
     """``path`` as an intermediate product: Snakemake deletes it once every job that reads it
     has run when ``keep_postisr`` is false (``temp()``; a file asked for as a target is kept)."""
-    return path if config.get("keep_postisr", True) else temp(path)
+    return path if KEEP_POSTISR else temp(path)
 
 
 def expand_data_ids(pattern, science_only=False):

@@ -1,4 +1,5 @@
 # ISR: raw CCD + bias + flat (+ BPM, + crosstalk sources in the same raw file) -> postISR.
+# With step_jobs: merged (the default) ISR runs in the processCcd job (rules/calibrate.smk).
 
 from apsnake.registry import CalibrationNotFound, CalibrationSelector
 
@@ -25,24 +26,33 @@ def isr_inputs(wildcards):
     return inputs
 
 
-rule isr:
-    input:
-        unpack(isr_inputs),
-    output:
-        exposure=intermediate(product("postISR")),
-        metadata=product("postISR", "json"),
-    log:
-        f"{OUT}/logs/isr/{{visit}}/isr_{{visit}}_{{detector}}.log",
-    benchmark:
-        f"{OUT}/benchmarks/isr/{{visit}}/isr_{{visit}}_{{detector}}.tsv"
-    params:
-        calibs=isr_calibrations,
-        options=config["isr"],
-    threads: 1
-    resources:
-        mem_mb=1500,
-        runtime=10,
-    conda:
-        "../envs/apsnake.yaml"
-    script:
-        "../scripts/isr.py"
+# step_jobs merged with keep_postisr false: processCcd does not write the postISR image at all,
+# and this rule makes one only when it is asked for as a target (the JSON is processCcd's).
+ISR_OUTPUTS = (
+    dict(exposure=intermediate(product("postISR")), metadata=product("postISR", "json"))
+    if STEP_JOBS == "separate" else dict(exposure=product("postISR"))
+)
+
+
+if STEP_JOBS == "separate" or not KEEP_POSTISR:
+
+    rule isr:
+        input:
+            unpack(isr_inputs),
+        output:
+            **ISR_OUTPUTS,
+        log:
+            f"{OUT}/logs/isr/{{visit}}/isr_{{visit}}_{{detector}}.log",
+        benchmark:
+            f"{OUT}/benchmarks/isr/{{visit}}/isr_{{visit}}_{{detector}}.tsv"
+        params:
+            calibs=isr_calibrations,
+            options=config["isr"],
+        threads: 1
+        resources:
+            mem_mb=1500,
+            runtime=10,
+        conda:
+            "../envs/apsnake.yaml"
+        script:
+            "../scripts/isr.py"

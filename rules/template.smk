@@ -1,6 +1,7 @@
 # Templates: template visits' calexps -> coadd patches on a fixed sky grid -> per data ID,
 # the coadd (or the best single template visit) warped onto the calexp's pixel grid
-# (docs/architecture.md, templates).
+# (docs/architecture.md, templates). With step_jobs: merged (the default) the template is made
+# in the imageDifference job (rules/diffim.smk).
 
 from apsnake.templates.skygrid import SkyGrid
 
@@ -79,23 +80,25 @@ rule coadd:
         "../scripts/coadd.py"
 
 
-rule template:
-    input:
-        calexp=product("calexp"),
-        inputs=template_inputs,
-    output:
-        template=product("template"),
-    params:
-        mode=config["templates"]["mode"],
-    log:
-        f"{OUT}/logs/template/{{visit}}/template_{{visit}}_{{detector}}.log",
-    benchmark:
-        f"{OUT}/benchmarks/template/{{visit}}/template_{{visit}}_{{detector}}.tsv"
-    threads: 1
-    resources:
-        mem_mb=3000,
-        runtime=10,
-    conda:
-        "../envs/apsnake.yaml"
-    script:
-        "../scripts/template.py"
+if STEP_JOBS == "separate":
+
+    rule template:
+        input:
+            calexp=product("calexp"),
+            inputs=template_inputs,
+        output:
+            template=product("template"),
+        params:
+            mode=config["templates"]["mode"],
+        log:
+            f"{OUT}/logs/template/{{visit}}/template_{{visit}}_{{detector}}.log",
+        benchmark:
+            f"{OUT}/benchmarks/template/{{visit}}/template_{{visit}}_{{detector}}.tsv"
+        threads: 1
+        resources:
+            mem_mb=3000,
+            runtime=10,
+        conda:
+            "../envs/apsnake.yaml"
+        script:
+            "../scripts/template.py"

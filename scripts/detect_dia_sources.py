@@ -2,32 +2,22 @@
 
 import json
 
-import pyarrow.parquet as pq
-
-from apsnake import schema
-from apsnake.atomic import atomic_output
-from apsnake.dia import DiaConfig, detect_dia_sources
+from apsnake import steps
 from apsnake.exposure import read_exposure
 from apsnake.logs import finish_job, workflow_step
-from apsnake.options import dataclass_from_options
 
 visit, detector = int(snakemake.wildcards.visit), int(snakemake.wildcards.detector)
+data_id = f"visit={visit} detector={detector}"
+inputs = snakemake.input
 
-with workflow_step("detectDiaSources", snakemake.log[0], f"visit={visit} detector={detector}") as log:
-    config = dataclass_from_options(DiaConfig, snakemake.params.options, "dia")
-    metadata = json.loads(open(snakemake.input.metadata).read())
-    if metadata.get("skipped"):
-        log.warning("visit=%d detector=%d: no difference image (%s); empty diaSrc", visit, detector, metadata["reason"])
-        table = schema.empty_table("DiaSource")
-    else:
-        # Science and matched template are measured at the sources only (forced PSF fluxes,
-        # dipole fits, pixel flags): memory maps, so the rest of their pixels is never read.
-        table = detect_dia_sources(
-            read_exposure(snakemake.input.diffexp), read_exposure(snakemake.input.calexp, memmap=True),
-            read_exposure(snakemake.input.matched_template, memmap=True), config,
-        )
-    log.info("visit=%d detector=%d: %d DIA sources", visit, detector, table.num_rows)
-    with atomic_output(snakemake.output.diaSrc) as tmp:
-        pq.write_table(table, tmp)
+with workflow_step("detectDiaSources", snakemake.log[0], data_id) as log:
+    # Science and matched template are measured at the sources only (forced PSF fluxes, dipole
+    # fits, pixel flags): memory maps, so the rest of their pixels is never read.
+    table = steps.run_dia_step(
+        lambda: read_exposure(inputs.diffexp), lambda: read_exposure(inputs.calexp, memmap=True),
+        lambda: read_exposure(inputs.matched_template, memmap=True),
+        json.loads(open(inputs.metadata).read()), snakemake.params.options, log, data_id,
+    )
+    steps.write_dia_sources(table, snakemake.output.diaSrc)
 
 finish_job()

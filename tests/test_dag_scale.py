@@ -58,4 +58,4 @@ def test_dry_run_entered_at_the_end_of_a_600_visit_chain(tmp_path):
     target = f"{paths['outdir']}/apdb_marker/{last}/apdb_marker_{last}_28.json"
     result = bench.dry_run(tmp_path, paths, [bench.VISIT0], [target])
     assert result["ok"], result["tail"]
-    assert result["jobs"]["associate"] == n - 1 and result["jobs"]["isr"] == n
+    assert result["jobs"]["associate"] == n - 1 and result["jobs"]["processCcd"] == n

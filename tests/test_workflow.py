@@ -9,7 +9,9 @@ import pytest
 
 from apsnake.exposure import read_exposure
 
-from workflow_helpers import SNAKEMAKE, _config, _copy_run, _job_stats, _run, assert_same_alert_files
+from workflow_helpers import (
+    SNAKEMAKE, _config, _copy_run, _job_stats, _run, assert_same_alert_files, assert_same_data_id_products,
+)
 
 # The finished run of the test night, ``workflow_run``, is a session fixture (conftest.py): the
 # alert tests (test_alerts_workflow.py) read the same run.
@@ -27,13 +29,43 @@ def test_dry_run_lists_the_jobs(workflow_run):
     data_ids = set(zip(exposures["visit"], exposures["detector"]))
     science = {(v, d) for v, d in data_ids if v not in (411371, 411372)}
     assert 0 < len(science) < len(data_ids)
-    after = _run(tmp_path, config, "-n", "--forcerun", "isr")
-    assert _job_stats(after) == {
+    after = _run(tmp_path, config, "-n", "--forcerun", "processCcd")
+    later = {"associate": len(science), "package_alerts": len(science), "fakes": len(science), "night_summary": 1,
+             "report": 1, "all": 1}
+    assert _job_stats(after) == {"processCcd": len(data_ids), "imageDifference": len(science), **later}
+    # step_jobs: separate plans one job per step for the same products.
+    separate = tmp_path / "config_separate.yaml"
+    separate.write_text(config.read_text() + "step_jobs: separate\n")
+    assert _job_stats(_run(tmp_path, separate, "-n", "--forcerun", "isr")) == {
         "isr": len(data_ids), "calibrate": len(data_ids), "template": len(science), "diffim": len(science),
-        "detectDiaSources": len(science), "associate": len(science), "package_alerts": len(science),
-        "fakes": len(science), "night_summary": 1, "report": 1, "all": 1,
+        "detectDiaSources": len(science), **later,
     }
     assert _job_stats(_run(tmp_path, config, "-n", "--forceall")) == {"ingest": 1, "all": 1}
+
+
+def test_separate_step_jobs_make_the_same_products(workflow_run, sim_test_dir, tmp_path):
+    """step_jobs: separate (one job per step, each reading what the previous one wrote) and the
+    default merged jobs (processCcd, imageDifference: the shared run) make the same products: a
+    merged job hands each image on as the next job would read it back (exposure.as_stored)."""
+    visit = 419802
+    config = _config(sim_test_dir, tmp_path, visits=[411371, 411372, visit], step_jobs="separate")
+    targets = [str(tmp_path / "out" / "diaSrc" / str(visit) / f"diaSrc_{visit}_{d}.parquet") for d in (25, 32)]
+    proc = _run(tmp_path, config, *targets)
+    assert "detectDiaSources" in proc.stdout + proc.stderr and "imageDifference" not in proc.stdout + proc.stderr
+    calexp_products = [("postISR", "fits"), ("postISR", "json"), ("calexp", "fits"), ("calexp", "json"),
+                       ("src", "parquet"), ("calexpBackground", "fits")]
+    difference_products = [("template", "fits"), ("diffexp", "fits"), ("diffexp", "json"),
+                           ("matchedTemplate", "fits"), ("diaSrc", "parquet")]
+    # A dipole fit's errors come from the fit's Jacobian at its end point, which moves within
+    # the fit's tolerance with the last bits of float32 sums (these depend on the arrays'
+    # memory alignment): 2e-5 relative seen; every other column is equal.
+    dipole_errors = {"dipoleMeanFluxErr": 1e-4, "dipoleFluxDiffErr": 1e-4}
+    for detector in (25, 32):
+        for data_visit in (411371, 411372, visit):
+            assert_same_data_id_products(tmp_path / "out", workflow_run[0] / "out", data_visit, detector,
+                                         calexp_products)
+        assert_same_data_id_products(tmp_path / "out", workflow_run[0] / "out", visit, detector,
+                                     difference_products, float_rtol=dipole_errors)
 
 
 @pytest.mark.parametrize("key", ["raw", "calibs", "refcat"])
@@ -70,7 +102,7 @@ def test_full_run_builds_registry_and_postisr(workflow_run, sim_test_dir):
         path = out / "postISR" / str(visit) / f"postISR_{visit}_{detector:02d}.fits"
         assert path.exists(), path
         assert (path.with_suffix(".json")).exists()
-        assert (out / "logs" / "isr" / str(visit) / f"isr_{visit}_{detector:02d}.log").exists()
+        assert (out / "logs" / "processCcd" / str(visit) / f"processCcd_{visit}_{detector:02d}.log").exists()
         for name, ext in (("calexp", "fits"), ("src", "parquet"), ("calexpBackground", "fits"), ("calexp", "json")):
             assert (out / name / str(visit) / f"{name}_{visit}_{detector:02d}.{ext}").exists(), (name, visit, detector)
     template_visits = {411371, 411372}
@@ -107,7 +139,7 @@ def test_missing_flat_fails_only_that_step_with_a_clear_message(sim_test_dir, tm
     config = _config(sim_test_dir, tmp_path, calibs=str(calib), visits=[419802], detectors=[25])
     proc = _run(tmp_path, config, "--keep-going", check=False)
     assert proc.returncode != 0
-    log = (tmp_path / "out" / "logs" / "isr" / "419802" / "isr_419802_25.log").read_text()
+    log = (tmp_path / "out" / "logs" / "processCcd" / "419802" / "processCcd_419802_25.log").read_text()
     assert "visit=419802, detector=25" in log and "no flat for band g" in log
     assert "Traceback" not in log
     assert (tmp_path / "out" / "registry" / "exposures.parquet").exists()
@@ -141,8 +173,8 @@ def test_rerun_is_a_no_op_and_one_target_can_be_rebuilt(workflow_run, tmp_path):
     visit, detector = int(exposures["visit"].iloc[-1]), int(exposures["detector"].iloc[-1])
     target = tmp_path / "out" / "postISR" / str(visit) / f"postISR_{visit}_{detector:02d}.fits"
     before = target.stat().st_mtime_ns
-    one = _run(tmp_path, config, str(target), "--forcerun", "isr")
-    assert "isr" in one.stdout + one.stderr
+    one = _run(tmp_path, config, str(target), "--forcerun", "processCcd")
+    assert "processCcd" in one.stdout + one.stderr
     assert target.stat().st_mtime_ns > before
 
 
@@ -289,7 +321,8 @@ def test_association_is_the_same_with_one_core(workflow_run, tmp_path):
     out, config = _copy_run(workflow_run, tmp_path)
     proc = _run(tmp_path, config, "--cores", "1")
     assert "associate" in proc.stdout + proc.stderr and "package_alerts" in proc.stdout + proc.stderr
-    assert "isr" not in (proc.stdout + proc.stderr).replace("Conda", "")  # only association re-ran
+    assert "processCcd" not in proc.stdout + proc.stderr  # only association re-ran
+    assert "imageDifference" not in proc.stdout + proc.stderr
     _assert_same_apdb(_apdb_tables(out), _apdb_tables(workflow_run[0] / "out"))
     assert_same_alert_files(out, workflow_run[0] / "out")
 
@@ -368,5 +401,5 @@ def test_touching_one_raw_reprocesses_its_visit_and_the_apdb_is_unchanged(workfl
     (raw / path.name).touch()
     proc = _run(tmp_path, config, "--rerun-triggers", "mtime")
     text = proc.stdout + proc.stderr
-    assert f"visit={first_visit}" in text and "rule isr" in text.replace("localrule", "rule")
+    assert f"visit={first_visit}" in text and "rule processCcd" in text.replace("localrule", "rule")
     _assert_same_apdb(_apdb_tables(out), _apdb_tables(workflow_run[0] / "out"))

@@ -97,3 +97,52 @@ def assert_same_alert_files(out_a, out_b):
         assert meta_a == meta_b, name
         assert [a["diaSourceId"] for a in alerts_a] == [b["diaSourceId"] for b in alerts_b], name
         assert _without_processing_times(alerts_a) == _without_processing_times(alerts_b), name
+
+
+# Header cards and JSON keys that hold a step's run time (they differ between any two runs).
+_RUN_TIME_CARDS = ("CALTIME", "ISR_TIME", "DIFFTIME", "DATE")
+
+
+def _without_run_times(value):
+    if isinstance(value, dict):
+        return {k: _without_run_times(v) for k, v in value.items() if not (k.endswith("seconds") or k.startswith("time_"))}
+    if isinstance(value, list):
+        return [_without_run_times(v) for v in value]
+    return value
+
+
+def assert_same_data_id_products(out_a, out_b, visit, detector, names, float_rtol=None):
+    """Two runs wrote the same per-data-ID products ``names`` ((product, extension) pairs):
+    FITS pixels and header cards, Parquet tables and JSON metadata equal apart from run times
+    and ``timeProcessedMjdTai``. ``float_rtol``: {column: relative tolerance} for float columns
+    of Parquet tables that may differ in their last bits."""
+    import json
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from astropy.io import fits
+
+    for name, ext in names:
+        rel = Path(name) / str(visit) / f"{name}_{visit}_{detector:02d}.{ext}"
+        a, b = Path(out_a) / rel, Path(out_b) / rel
+        if ext == "fits":
+            with fits.open(a) as ha, fits.open(b) as hb:
+                assert [h.name for h in ha] == [h.name for h in hb], rel
+                for x, y in zip(ha, hb):
+                    cards_a = {k: v for k, v in x.header.items() if k not in _RUN_TIME_CARDS}
+                    cards_b = {k: v for k, v in y.header.items() if k not in _RUN_TIME_CARDS}
+                    assert cards_a == cards_b, (rel, x.name)
+                    if x.data is not None:
+                        assert np.array_equal(x.data, y.data, equal_nan=True), (rel, x.name)
+        elif ext == "parquet":
+            ta, tb = pq.read_table(a).to_pandas(), pq.read_table(b).to_pandas()
+            assert list(ta.columns) == list(tb.columns) and len(ta) == len(tb), rel
+            for column in ta.columns:
+                if column == "timeProcessedMjdTai":
+                    continue
+                if float_rtol and column in float_rtol:
+                    np.testing.assert_allclose(ta[column], tb[column], rtol=float_rtol[column], err_msg=str(rel))
+                else:
+                    assert ta[column].equals(tb[column]), (rel, column)
+        else:
+            assert _without_run_times(json.loads(a.read_text())) == _without_run_times(json.loads(b.read_text())), rel

@@ -290,8 +290,9 @@ def _primary_header(exposure: Exposure):
     return hdr
 
 
-def write_exposure(exposure: Exposure, path: str | Path) -> None:
-    """Write an Exposure to ``path`` atomically (temporary name + rename)."""
+def _exposure_hdus(exposure: Exposure):
+    """The HDUs ``write_exposure`` writes: primary (visit info, PhotoCalib, metadata), IMAGE
+    (float32, WCS), MASK (int32, plane names), VARIANCE (float32) and PSF (float32), if any."""
     from astropy.io import fits
 
     primary = fits.PrimaryHDU(header=_primary_header(exposure))
@@ -314,8 +315,32 @@ def write_exposure(exposure: Exposure, path: str | Path) -> None:
         psf_hdr["PSFSCALE"] = (psf.scale, "[pix] polynomial coordinate scale")
         psf_hdr["PSFFWHM"] = (_card_value(psf.fwhm_pixels), "[pix] median FWHM")
         hdus.append(fits.ImageHDU(np.asarray(psf.components, np.float32), header=psf_hdr, name="PSF"))
+    return hdus
+
+
+def write_exposure(exposure: Exposure, path: str | Path) -> None:
+    """Write an Exposure to ``path`` atomically (temporary name + rename)."""
+    from astropy.io import fits
+
     with atomic_output(path) as tmp:
-        fits.HDUList(hdus).writeto(tmp)
+        fits.HDUList(_exposure_hdus(exposure)).writeto(tmp)
+
+
+def as_stored(exposure: Exposure) -> Exposure:
+    """The Exposure that ``read_exposure`` would return after ``write_exposure``, without the
+    disk: planes and PSF in their stored types, WCS, visit info and metadata parsed back from
+    their header cards (a FITS card holds a float to ~16 digits). A merged workflow job
+    (``step_jobs: merged``) hands this to its next step, so that the step computes exactly what
+    it computes in a job of its own that reads the file. The planes are not copied when they
+    already have the stored type."""
+    from astropy.io import fits
+
+    hdus = []
+    for hdu in _exposure_hdus(exposure):
+        header = fits.Header.fromstring(hdu.header.tostring())
+        cls = fits.PrimaryHDU if isinstance(hdu, fits.PrimaryHDU) else fits.ImageHDU
+        hdus.append(cls(data=hdu.data, header=header) if hdu.data is not None else cls(header=header))
+    return _exposure_from_hdus(fits.HDUList(hdus), _native_plane)
 
 
 def _visit_info(primary_header) -> VisitInfo:
@@ -368,59 +393,66 @@ def read_exposure(path: str | Path, memmap: bool = False) -> Exposure:
     Raises ``ExposureFormatError`` naming the file and the problem.
     """
     from astropy.io import fits
-    from astropy.wcs import FITSFixedWarning, WCS
 
     path = Path(path)
     plane = (lambda hdu, dtype: hdu.data) if memmap else _native_plane
     try:
         with fits.open(path, memmap=memmap) as hdul:
-            names = [h.name for h in hdul]
-            for required in ("IMAGE", "MASK", "VARIANCE"):
-                if required not in names:
-                    raise ExposureFormatError(f"{path}: no {required} extension (found {names})")
-            ph = hdul[0].header
-            visit_info = _visit_info(ph)
-            img_hdr = hdul["IMAGE"].header
-            wcs = None
-            if "CTYPE1" in img_hdr:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FITSFixedWarning)
-                    wcs = WCS(img_hdr)
-            planes = {
-                k[3:]: int(v) for k, v in hdul["MASK"].header.items() if k.startswith("MP_")
-            }
-            photo = None
-            if "PHOTCALB" in ph:
-                photo = PhotoCalib(float(ph["PHOTCALB"]), float(ph.get("PHOTCERR", 0.0)))
-            psf = None
-            if "PSF" in names:
-                h = hdul["PSF"].header
-                psf = PsfModel(
-                    components=np.array(hdul["PSF"].data, np.float32), spatial_order=int(h["PSFORDER"]),
-                    x0=float(h["PSFX0"]), y0=float(h["PSFY0"]), scale=float(h["PSFSCALE"]),
-                    fwhm_pixels=_from_card(h.get("PSFFWHM", "NaN"), 0.0),
-                )
-            reserved = set(_VISIT_KEYS.values()) | {
-                "SIMPLE", "BITPIX", "NAXIS", "EXTEND", "DETECTOR", "DETNAME", "PHOTCALB", "PHOTCERR", "APSNAKE",
-            }
-            metadata = {k: v for k, v in ph.items() if k not in reserved and k not in ("COMMENT", "HISTORY", "")}
-            exposure = Exposure(
-                image=plane(hdul["IMAGE"], np.float32),
-                mask=plane(hdul["MASK"], np.int32),
-                variance=plane(hdul["VARIANCE"], np.float32),
-                visit_info=visit_info,
-                detector=int(ph.get("DETECTOR", -1)),
-                detector_name=str(ph.get("DETNAME", "")),
-                unit=str(img_hdr.get("BUNIT", "adu")),
-                wcs=wcs, psf=psf, photo_calib=photo,
-                mask_planes=planes or dict(DEFAULT_MASK_PLANES), metadata=metadata,
-            )
-    except ExposureFormatError:
-        raise
+            exposure = _exposure_from_hdus(hdul, plane)
+    except ExposureFormatError as err:
+        raise ExposureFormatError(f"{path}: {err}") from None
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ExposureFormatError(f"{path}: not a readable Exposure FITS: {err}") from err
+    return exposure
+
+
+def _exposure_from_hdus(hdul, plane) -> Exposure:
+    """Parse the HDUs of an Exposure (``plane(hdu, dtype)`` gives a pixel plane); a missing
+    extension or planes of different shapes raise ``ExposureFormatError`` (no path: the caller
+    names the file)."""
+    from astropy.wcs import FITSFixedWarning, WCS
+
+    names = [h.name for h in hdul]
+    for required in ("IMAGE", "MASK", "VARIANCE"):
+        if required not in names:
+            raise ExposureFormatError(f"no {required} extension (found {names})")
+    ph = hdul[0].header
+    visit_info = _visit_info(ph)
+    img_hdr = hdul["IMAGE"].header
+    wcs = None
+    if "CTYPE1" in img_hdr:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            wcs = WCS(img_hdr)
+    planes = {k[3:]: int(v) for k, v in hdul["MASK"].header.items() if k.startswith("MP_")}
+    photo = None
+    if "PHOTCALB" in ph:
+        photo = PhotoCalib(float(ph["PHOTCALB"]), float(ph.get("PHOTCERR", 0.0)))
+    psf = None
+    if "PSF" in names:
+        h = hdul["PSF"].header
+        psf = PsfModel(
+            components=np.array(hdul["PSF"].data, np.float32), spatial_order=int(h["PSFORDER"]),
+            x0=float(h["PSFX0"]), y0=float(h["PSFY0"]), scale=float(h["PSFSCALE"]),
+            fwhm_pixels=_from_card(h.get("PSFFWHM", "NaN"), 0.0),
+        )
+    reserved = set(_VISIT_KEYS.values()) | {
+        "SIMPLE", "BITPIX", "NAXIS", "EXTEND", "DETECTOR", "DETNAME", "PHOTCALB", "PHOTCERR", "APSNAKE",
+    }
+    metadata = {k: v for k, v in ph.items() if k not in reserved and k not in ("COMMENT", "HISTORY", "")}
+    exposure = Exposure(
+        image=plane(hdul["IMAGE"], np.float32),
+        mask=plane(hdul["MASK"], np.int32),
+        variance=plane(hdul["VARIANCE"], np.float32),
+        visit_info=visit_info,
+        detector=int(ph.get("DETECTOR", -1)),
+        detector_name=str(ph.get("DETNAME", "")),
+        unit=str(img_hdr.get("BUNIT", "adu")),
+        wcs=wcs, psf=psf, photo_calib=photo,
+        mask_planes=planes or dict(DEFAULT_MASK_PLANES), metadata=metadata,
+    )
     if not (exposure.image.shape == exposure.mask.shape == exposure.variance.shape):
-        raise ExposureFormatError(f"{path}: IMAGE, MASK and VARIANCE shapes differ")
+        raise ExposureFormatError("IMAGE, MASK and VARIANCE shapes differ")
     return exposure
 
 
