@@ -57,8 +57,8 @@ def test_separate_step_jobs_make_the_same_products(workflow_run, sim_test_dir, t
     difference_products = [("template", "fits"), ("diffexp", "fits"), ("diffexp", "json"),
                            ("matchedTemplate", "fits"), ("diaSrc", "parquet")]
     # A dipole fit's errors come from the fit's Jacobian at its end point, which moves within
-    # the fit's tolerance with the last bits of float32 sums (these depend on the arrays'
-    # memory alignment): 2e-5 relative seen; every other column is equal.
+    # the fit's tolerance with the last bits of float32 sums (these depend on where the arrays
+    # lie in memory): 2e-5 relative seen; every other column is equal.
     dipole_errors = {"dipoleMeanFluxErr": 1e-4, "dipoleFluxDiffErr": 1e-4}
     for detector in (25, 32):
         for data_visit in (411371, 411372, visit):
