@@ -121,6 +121,8 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="run under DIR and keep the products")
     parser.add_argument("--visits", type=int, nargs="+", help="process only these EXPNUMs (and the template visits)")
     parser.add_argument("--json", type=Path, help="also write the figures to FILE")
+    parser.add_argument("--no-postisr", action="store_true",
+                        help="keep_postisr: false (a whole focal plane's postISR images are ~12 GB)")
     parser.add_argument("--step-jobs", choices=["merged", "separate"],
                         help="the workflow's step_jobs option (default: the workflow's own, merged)")
     parser.add_argument("--resume", type=Path, help="finish the stopped --keep run in this folder")
@@ -157,6 +159,8 @@ def main() -> None:
                       "outdir": str(folder / "out"), "visits": visits if args.visits else "all"}
             if args.step_jobs:
                 config["step_jobs"] = args.step_jobs
+            if args.no_postisr:
+                config["keep_postisr"] = False
             (folder / "config.yaml").write_text(yaml.safe_dump(config))
         cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(folder),
                "--configfile", str(folder / "config.yaml"), "--cores", str(args.cores), "--quiet", "all"]

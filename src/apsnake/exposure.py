@@ -146,6 +146,12 @@ class PsfModel:
     scale: float = 1.0
     fwhm_pixels: float = float("nan")  # median FWHM, for quick reference
 
+    def __post_init__(self):
+        # C order, as read from a file: a transposed view gives other last bits in the BLAS
+        # sums of ``evaluate``, so a PSF handed on in memory would not measure the same as the
+        # same PSF read back (a dipole fit's errors moved by 2e-5).
+        self.components = np.ascontiguousarray(self.components, dtype=np.float32)
+
     def polynomial_terms(self, x: float, y: float) -> np.ndarray:
         """The spatial polynomial's terms at trimmed pixel position (x, y)."""
         return polynomial_terms(self.spatial_order, (x - self.x0) / self.scale, (y - self.y0) / self.scale)
