@@ -13,7 +13,10 @@
 #   every science data ID's products + APDB + fakes --night_summary--> qa/night_summary.parquet
 #   --report--> qa/report.html (the night report: one self-contained HTML page)
 #
-# docs/architecture.md describes data IDs, products and the DAG ordering.
+#   (step_jobs: merged, the default, runs isr + calibrate as one processCcd job and template +
+#   diffim + detectDiaSources as one imageDifference job; each still writes every product above)
+#
+# docs/architecture.md describes data IDs, products, jobs and the DAG ordering.
 
 from snakemake.utils import min_version, validate
 
