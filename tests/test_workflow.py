@@ -143,11 +143,14 @@ def test_missing_flat_fails_only_that_step_with_a_clear_message(sim_test_dir, tm
     assert not list((tmp_path / "out").rglob("postISR_*.fits"))
 
 
-def test_postisr_is_deleted_once_its_calexp_exists_when_not_kept(sim_test_dir, tmp_path):
+@pytest.mark.parametrize("step_jobs", ["merged", "separate"])
+def test_postisr_is_deleted_once_its_calexp_exists_when_not_kept(sim_test_dir, tmp_path, step_jobs):
     """keep_postisr: false (a whole focal plane's postISR images are ~18 GB): the postISR image of
-    a data ID is gone once its calexp is made, its JSON stays, a later run has nothing to do, and
-    a postISR asked for as a target is made and kept."""
-    config = _config(sim_test_dir, tmp_path, visits=[419802], detectors=[25], keep_postisr=False)
+    a data ID is gone once its calexp is made (merged jobs never write it, separate ones delete
+    it), its JSON stays, a later run has nothing to do, and a postISR asked for as a target is
+    made and kept."""
+    config = _config(sim_test_dir, tmp_path, visits=[419802], detectors=[25], keep_postisr=False,
+                     step_jobs=step_jobs)
     out = tmp_path / "out"
     calexp = out / "calexp" / "419802" / "calexp_419802_25.fits"
     post_isr = out / "postISR" / "419802" / "postISR_419802_25.fits"
