@@ -1,6 +1,7 @@
 """Cost of a whole simulated night through the workflow, per data ID: library time vs the rest.
 
     python benchmarks/bench_night.py [--preset test] [--cores 1] [--visits EXPNUM ...] [--keep DIR] [--json FILE]
+                                     [--step-jobs merged|separate] [--no-postisr]
     python benchmarks/bench_night.py --resume DIR/bench_night_XXXX [--cores 1] [--json FILE]
 
 Simulates the night once (``_measure.ensure_night``, under ``benchmarks/out/``), runs the whole
