@@ -3,6 +3,7 @@
 import json
 
 from apsnake import steps
+from apsnake.atomic import write_parquet
 from apsnake.exposure import read_exposure
 from apsnake.logs import finish_job, workflow_step
 
@@ -18,6 +19,6 @@ with workflow_step("detectDiaSources", snakemake.log[0], data_id) as log:
         lambda: read_exposure(inputs.matched_template, memmap=True),
         json.loads(open(inputs.metadata).read()), snakemake.params.options, log, data_id,
     )
-    steps.write_dia_sources(table, snakemake.output.diaSrc)
+    write_parquet(table, snakemake.output.diaSrc)
 
 finish_job()

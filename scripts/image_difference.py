@@ -6,6 +6,7 @@ matchedTemplate, diaSrc)."""
 import pandas as pd
 
 from apsnake import steps
+from apsnake.atomic import write_parquet
 from apsnake.exposure import as_stored, read_exposure, write_exposure
 from apsnake.logs import finish_job, workflow_step
 
@@ -23,11 +24,10 @@ with workflow_step("imageDifference", snakemake.log[0], data_id) as log:
         # step_jobs: separate).
         difference, matched, metadata = steps.run_diffim_step(
             calexp, as_stored(template), pd.read_parquet(inputs.src), params.diffim, log, data_id)
-        del template
         steps.write_diffim_products(difference, matched, metadata, out.diffexp, out.matched_template, out.metadata)
     with steps.timed(log, "detectDiaSources"):
         table = steps.run_dia_step(as_stored(difference), calexp, as_stored(matched), metadata, params.dia, log,
                                    data_id)
-        steps.write_dia_sources(table, out.diaSrc)
+        write_parquet(table, out.diaSrc)
 
 finish_job()

@@ -17,7 +17,6 @@ with workflow_step("processCcd", snakemake.log[0], f"visit={visit} detector={det
         # As the calibrate job would read it back (header cards round the WCS): same products.
         result = steps.run_calibrate_step(as_stored(isr_result.exposure), inputs.refcat, params.refcat_columns,
                                           params.calibrate)
-        del isr_result
         steps.write_calibrate_products(result, out.calexp, out.src, out.background, out.metadata)
 
 finish_job()

@@ -8,7 +8,8 @@ either arrangement. A merged job hands its intermediate Exposures to the next st
 instead of reading back what it has just written (docs/architecture.md, "Jobs").
 
 Each ``run_*`` function takes the step's inputs (paths, or Exposures already in memory) and its
-options section as a dict, and returns what the matching ``write_*`` function writes. Bad input
+options section as a dict, and returns what the matching ``write_*`` function writes (a DiaSource
+table: ``atomic.write_parquet``). Bad input
 raises an ``ApsnakeError`` subclass naming the data ID and the file.
 """
 
@@ -19,7 +20,7 @@ import json
 import logging
 import time
 
-from apsnake.atomic import atomic_output, write_parquet, write_text
+from apsnake.atomic import write_parquet, write_text
 from apsnake.exposure import Exposure, read_exposure, write_background, write_exposure
 from apsnake.options import dataclass_from_options
 
@@ -151,9 +152,3 @@ def run_dia_step(difference, science, matched, diffim_metadata: dict, options: d
     log.info("%s: %d DIA sources", data_id, table.num_rows)
     return table
 
-
-def write_dia_sources(table, path) -> None:
-    import pyarrow.parquet as pq
-
-    with atomic_output(path) as tmp:
-        pq.write_table(table, tmp)
