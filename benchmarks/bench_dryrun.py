@@ -1,14 +1,23 @@
 """DAG scale: time and peak memory of `snakemake -n` on large synthetic registries (issue 14).
 
-    python benchmarks/bench_dryrun.py [wide|chain|floor|all] [--visits N] [--detectors N] [--keep DIR]
+    python benchmarks/bench_dryrun.py [wide|chain|floor|whatif|all] [--visits N] [--detectors N] [--steps N]
+                                      [--keep DIR]
 
 ``wide``: the whole focal plane (62 CCDs) x 100 visits: 10 fields of 10 dithered visits each,
 the first visit of each field a template visit (6,200 data IDs, 5,580 of them differenced and
-associated, ~40,000 jobs). ``chain``: 300 visits of one pointing on 2 CCDs, the first a template
+associated; 28,523 jobs with the merged jobs, 45,883 with one job per step). ``chain``: 300 visits of one pointing on 2 CCDs, the first a template
 visit: every association waits for the previous visit's, a chain 299 deep (docs/architecture.md,
-association order). ``floor`` (not in ``all``): Snakemake alone, a chain of 7 trivial rules
-per data ID (one input, one output, ``touch``) for as many data IDs as ``wide`` (about as many
-jobs): what any workflow with one job per data ID and step costs Snakemake to plan.
+association order). ``floor`` (not in ``all``): Snakemake alone, a chain of ``--steps`` (7) trivial rules
+per data ID (one input, one output, ``touch``) for as many data IDs as ``wide``: what any
+workflow with that many jobs per data ID costs Snakemake to plan (7: the ~43,000 jobs of one job
+per step; 5: about the merged workflow's count).
+``whatif`` (not in ``all``): the ``wide`` registry planned by the workflow as it is and by
+altered copies of it, to show where Snakemake's time goes: ``bare``, the per-data-ID rules
+without log, benchmark, conda and resources and with ``shell: "true"`` instead of a script;
+``two_jobs``, two jobs per science data ID (isr .. detectDiaSources and fakes in one rule, the
+association and the alert packets in another), every product still its own output;
+``two_jobs_bare``, both. None of the copies is a design we run: they only bound what such
+changes could gain.
 
 No pixels and no headers: the script writes the three Parquet tables of the `ingest` checkpoint
 (``apsnake.registry`` columns) with footprints from the DECam focal-plane layout, empty
@@ -128,13 +137,14 @@ def job_stats(text: str) -> dict[str, int]:
     return {}
 
 
-def dry_run(folder: Path, paths: dict, templates: list[int], targets: list[str] = ()) -> dict:
+def dry_run(folder: Path, paths: dict, templates: list[int], targets: list[str] = (),
+            snakefile: Path = REPO / "Snakefile") -> dict:
     config = {"simulate": None, "raw": str(paths["raw"]), "calibs": str(paths["calibs"]),
               "refcat": str(paths["refcat"]), "outdir": str(paths["outdir"]), "templates": {"visits": templates}}
     config_path = folder / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     shutil.rmtree(folder / ".snakemake", ignore_errors=True)
-    return timed_dry_run(["--snakefile", str(REPO / "Snakefile"), "--directory", str(folder), "--configfile",
+    return timed_dry_run(["--snakefile", str(snakefile), "--directory", str(folder), "--configfile",
                           str(config_path)], targets)
 
 
@@ -158,9 +168,9 @@ def timed_dry_run(args: list[str], targets=()) -> dict:
 
 FLOOR_SNAKEFILE = """
 IDS = [f"{{v}}_{{d:02d}}" for v in range({visit0}, {visit0} + {n_visits}) for d in range({n_detectors})]
-STEPS = ["step0", "step1", "step2", "step3", "step4", "step5", "step6"]
+STEPS = [f"step{{i}}" for i in range({n_steps})]
 rule all:
-    input: expand("out/step6/{{id}}.txt", id=IDS)
+    input: expand(f"out/{{STEPS[-1]}}/{{{{id}}}}.txt", id=IDS)
     localrule: True
 rule step0:
     output: "out/step0/{{id}}.txt"
@@ -174,23 +184,143 @@ for prev, cur in zip(STEPS, STEPS[1:]):
 """
 
 
-def floor_dry_run(folder: Path, n_visits: int, n_detectors: int) -> dict:
-    """Snakemake's own cost per job: a chain of 7 trivial rules per data ID (one input, one
-    output, a shell command), about as many jobs as the workflow has, nothing of ours."""
+def floor_dry_run(folder: Path, n_visits: int, n_detectors: int, n_steps: int = 7) -> dict:
+    """Snakemake's own cost per job: a chain of ``n_steps`` trivial rules per data ID (one input,
+    one output, a shell command), nothing of ours."""
     snakefile = folder / "Snakefile"
-    snakefile.write_text(FLOOR_SNAKEFILE.format(visit0=VISIT0, n_visits=n_visits, n_detectors=n_detectors))
+    snakefile.write_text(FLOOR_SNAKEFILE.format(visit0=VISIT0, n_visits=n_visits, n_detectors=n_detectors,
+                                                n_steps=n_steps))
     return timed_dry_run(["--snakefile", str(snakefile), "--directory", str(folder)])
 
 
-def run_case(name: str, n_visits: int, detectors: list[int], keep: Path | None) -> dict:
+PER_DATA_ID_RULE_FILES = ("isr", "calibrate", "template", "diffim", "fakes", "associate", "alerts")
+
+
+def _edit(text: str, old: str, new: str, count: int = 1) -> str:
+    """``text`` with ``old`` replaced; fails loudly when the rules no longer read as expected."""
+    if text.count(old) < count:
+        raise SystemExit(f"whatif: the rules changed, cannot find {old!r}; update bench_dryrun.py")
+    return text.replace(old, new)
+
+
+def _sub(text: str, pattern: str, new: str, name: str) -> str:
+    out, n = re.subn(pattern, new, text)
+    if n == 0:
+        raise SystemExit(f"whatif: the rules changed, no {name} found; update bench_dryrun.py")
+    return out
+
+
+def bare_rules(root: Path) -> None:
+    """The per-data-ID rules without log, benchmark, conda and resources, running ``true``."""
+    for name in PER_DATA_ID_RULE_FILES:
+        path = root / "rules" / f"{name}.smk"
+        text = path.read_text()
+        text = _sub(text, r"\n\s+log:\n\s+f\"\{OUT\}/logs/.*\n", "\n", "log")
+        text = _sub(text, r"\n\s+benchmark:\n\s+f\"\{OUT\}/benchmarks/.*\n", "\n", "benchmark")
+        text = _sub(text, r"\n\s+conda:\n.*\n", "\n", "conda")
+        text = _sub(text, r"\n\s+resources:\n\s+mem_mb=.*\n\s+runtime=.*\n", "\n", "resources")
+        text = _sub(text, r"script:\n(\s+)\"\.\./scripts/.*\.py\"", r'shell:\n\1"true"', "script")
+        path.write_text(text)
+
+
+TWO_JOBS_RULE = """
+    rule ccdPipe:
+        wildcard_constraints:
+            visit=f"(?!(?:{TEMPLATE_VISIT_RE})$)\\\\d+",
+        input:
+            unpack(isr_inputs),
+            refcat=config["refcat"],
+            inputs=template_inputs,
+        output:
+            **(dict(exposure=product("postISR")) if KEEP_POSTISR else {}),
+            isr_metadata=product("postISR", "json"),
+            **CALIBRATE_OUTPUTS,
+            template=product("template"),
+            diffexp=product("diffexp"),
+            diffim_metadata=product("diffexp", "json"),
+            matched_template=product("matchedTemplate"),
+            diaSrc=product("diaSrc", "parquet"),
+            fakes=product("fakes", "parquet"),
+        log:
+            f"{OUT}/logs/ccdPipe/{{visit}}/ccdPipe_{{visit}}_{{detector}}.log",
+        benchmark:
+            f"{OUT}/benchmarks/ccdPipe/{{visit}}/ccdPipe_{{visit}}_{{detector}}.tsv"
+        params:
+            calibs=isr_calibrations,
+            isr=config["isr"],
+            calibrate=config["calibrate"],
+            refcat_columns=config["refcat_columns"],
+            mode=config["templates"]["mode"],
+            diffim=config["diffim"],
+            dia=config["dia"],
+            fakes=FAKES,
+        threads: 1
+        resources:
+            mem_mb=3000,
+            runtime=40,
+        conda:
+            "../envs/apsnake.yaml"
+        script:
+            "../scripts/process_ccd.py"
+"""
+NEVER = """wildcard_constraints:
+{indent}        visit="never","""
+
+
+def two_jobs(root: Path) -> None:
+    """Two jobs per science data ID: ``ccdPipe`` (isr .. detectDiaSources + fakes; processCcd
+    stays for the template visits) and ``associate`` writing the alert packets too."""
+    rules = root / "rules"
+    text = (rules / "calibrate.smk").read_text()
+    text = _edit(text, "    rule processCcd:\n        input:",
+                 '    TEMPLATE_VISIT_RE = "|".join(str(v) for v in config["templates"]["visits"])\n'
+                 '    rule processCcd:\n        wildcard_constraints:\n            visit=f"(?:{TEMPLATE_VISIT_RE})",'
+                 "\n        input:")
+    (rules / "calibrate.smk").write_text(text + TWO_JOBS_RULE)
+    for name, rule, indent in (("diffim", "imageDifference", "    "), ("fakes", "fakes", ""),
+                               ("alerts", "package_alerts", "")):
+        text = (rules / f"{name}.smk").read_text()
+        text = _edit(text, f"{indent}rule {rule}:\n",
+                     f"{indent}rule {rule}:\n{indent}    " + NEVER.format(indent=indent) + "\n")
+        (rules / f"{name}.smk").write_text(text)
+    text = (rules / "associate.smk").read_text()
+    text = _edit(text, '        marker=str(marker_path(OUT, "{visit}", "{detector}")),\n    log:',
+                 '        marker=str(marker_path(OUT, "{visit}", "{detector}")),\n'
+                 '        alerts=product("alerts", "avro"),\n    log:')
+    text = _edit(text, "        previous=previous_markers,",
+                 '        previous=previous_markers,\n        template=product("template"),')
+    (rules / "associate.smk").write_text(text)
+    # calibrate.smk now uses names from template, diffim and fakes: include it after them.
+    text = (root / "Snakefile").read_text()
+    text = _edit(text, 'include: "rules/calibrate.smk"\n', "")
+    text = _edit(text, 'include: "rules/report.smk"\n', 'include: "rules/calibrate.smk"\ninclude: "rules/report.smk"\n')
+    (root / "Snakefile").write_text(text)
+
+
+def workflow_copy(folder: Path, variant: str) -> Path:
+    """A copy of the workflow (file times kept: the registry must stay newer than its code)."""
+    root = folder / f"workflow_{variant}"
+    for name in ("Snakefile", "config.yaml", "config.schema.yaml"):
+        root.mkdir(exist_ok=True)
+        shutil.copy2(REPO / name, root / name)
+    for name in ("rules", "scripts", "envs"):
+        shutil.copytree(REPO / name, root / name)
+    if "two_jobs" in variant:
+        two_jobs(root)
+    if "bare" in variant:
+        bare_rules(root)
+    return root / "Snakefile"
+
+
+def run_case(name: str, n_visits: int, detectors: list[int], keep: Path | None, n_steps: int = 7) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"bench_dryrun_{name}_", dir=keep))
     try:
         if name == "floor":
-            result = floor_dry_run(folder, n_visits, len(detectors))
+            result = floor_dry_run(folder, n_visits, len(detectors), n_steps)
             result.update(case=name, visits=n_visits, detectors=len(detectors), data_ids=n_visits * len(detectors),
-                          setup_s=0.0, folder=str(folder), target="7 trivial rules per data ID")
+                          setup_s=0.0, folder=str(folder), target=f"{n_steps} trivial rules per data ID")
             return [result]
-        if name == "wide":
+        if name in ("wide", "whatif"):
             pointings, templates = wide_pointings(n_visits)
         else:
             pointings, templates = [(150.0, 2.2)] * n_visits, [VISIT0]
@@ -198,6 +328,11 @@ def run_case(name: str, n_visits: int, detectors: list[int], keep: Path | None) 
         paths = make_registry(folder, pointings, detectors)
         setup = time.perf_counter() - t0
         results = [dry_run(folder, paths, templates)]
+        if name == "whatif":
+            results[0]["target"] = "the workflow as it is"
+            for variant in ("bare", "two_jobs", "two_jobs_bare"):
+                results.append(dry_run(folder, paths, templates, snakefile=workflow_copy(folder, variant)))
+                results[-1]["target"] = variant
         if name == "chain":
             # The DAG entered at the end of the chain: Snakemake then resolves the whole chain
             # recursively (the full night's targets are in time order, which keeps it shallow).
@@ -215,9 +350,10 @@ def run_case(name: str, n_visits: int, detectors: list[int], keep: Path | None) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("case", nargs="?", default="all", choices=("wide", "chain", "floor", "all"))
+    parser.add_argument("case", nargs="?", default="all", choices=("wide", "chain", "floor", "whatif", "all"))
     parser.add_argument("--visits", type=int, help="visits (default: wide 100, chain 300)")
     parser.add_argument("--detectors", type=int, help="CCDs per visit (default: wide 62, chain 2)")
+    parser.add_argument("--steps", type=int, default=7, help="floor: trivial rules per data ID (default 7)")
     parser.add_argument("--keep", type=Path, help="make the scratch folders under DIR and keep them")
     args = parser.parse_args()
     cases = ("wide", "chain") if args.case == "all" else (args.case,)
@@ -227,7 +363,7 @@ def main() -> None:
         n_det = args.detectors or (2 if case == "chain" else 62)
         detectors = list(decam.SCIENCE_CCDNUMS[:n_det]) if case != "chain" else [28, 35][:n_det] + list(
             d for d in decam.SCIENCE_CCDNUMS if d not in (28, 35))[: max(n_det - 2, 0)]
-        results = run_case(case, n_visits, detectors, args.keep)
+        results = run_case(case, n_visits, detectors, args.keep, args.steps)
         r = results[0]
         print(f"\n{case}: {r['visits']} visits x {r['detectors']} CCDs = {r['data_ids']} data IDs "
               f"(registry written in {r['setup_s']:.1f} s)")

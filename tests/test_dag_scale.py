@@ -59,3 +59,24 @@ def test_dry_run_entered_at_the_end_of_a_600_visit_chain(tmp_path):
     result = bench.dry_run(tmp_path, paths, [bench.VISIT0], [target])
     assert result["ok"], result["tail"]
     assert result["jobs"]["associate"] == n - 1 and result["jobs"]["processCcd"] == n
+
+
+def test_whatif_copies_of_the_workflow_plan_the_same_products(tmp_path):
+    """bench_dryrun.py whatif edits copies of the rules: they must still apply (the edits fail
+    loudly when the rules change) and plan every product of every data ID, in fewer jobs."""
+    bench = _bench()
+    pointings, templates = bench.wide_pointings(4, n_fields=1)
+    paths = bench.make_registry(tmp_path, pointings, [28, 35])
+    as_is = bench.dry_run(tmp_path, paths, templates)
+    assert as_is["ok"], as_is["tail"]
+    science = 3 * 2
+    assert as_is["jobs"]["imageDifference"] == science and as_is["jobs"]["package_alerts"] == science
+    for variant in ("bare", "two_jobs", "two_jobs_bare"):
+        result = bench.dry_run(tmp_path, paths, templates, snakefile=bench.workflow_copy(tmp_path, variant))
+        assert result["ok"], (variant, result["tail"])
+        jobs = result["jobs"]
+        if variant == "bare":
+            assert jobs == as_is["jobs"]
+        else:
+            assert jobs["ccdPipe"] == science and jobs["associate"] == science and jobs["processCcd"] == 2
+            assert not {"imageDifference", "fakes", "package_alerts"} & set(jobs)
