@@ -226,7 +226,7 @@ def bare_rules(root: Path) -> None:
 TWO_JOBS_RULE = """
     rule ccdPipe:
         wildcard_constraints:
-            visit=f"(?!(?:{TEMPLATE_VISIT_RE})$)\\\\d+",
+            visit=f"(?!(?:{TEMPLATE_VISIT_RE})(?!\\\\d))\\\\d+",
         input:
             unpack(isr_inputs),
             refcat=config["refcat"],
