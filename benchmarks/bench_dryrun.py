@@ -196,9 +196,9 @@ def floor_dry_run(folder: Path, n_visits: int, n_detectors: int, n_steps: int = 
 PER_DATA_ID_RULE_FILES = ("isr", "calibrate", "template", "diffim", "fakes", "associate", "alerts")
 
 
-def _edit(text: str, old: str, new: str, count: int = 1) -> str:
+def _edit(text: str, old: str, new: str) -> str:
     """``text`` with ``old`` replaced; fails loudly when the rules no longer read as expected."""
-    if text.count(old) < count:
+    if old not in text:
         raise SystemExit(f"whatif: the rules changed, cannot find {old!r}; update bench_dryrun.py")
     return text.replace(old, new)
 
@@ -300,8 +300,8 @@ def two_jobs(root: Path) -> None:
 def workflow_copy(folder: Path, variant: str) -> Path:
     """A copy of the workflow (file times kept: the registry must stay newer than its code)."""
     root = folder / f"workflow_{variant}"
+    root.mkdir()
     for name in ("Snakefile", "config.yaml", "config.schema.yaml"):
-        root.mkdir(exist_ok=True)
         shutil.copy2(REPO / name, root / name)
     for name in ("rules", "scripts", "envs"):
         shutil.copytree(REPO / name, root / name)
